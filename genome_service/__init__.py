@@ -1,0 +1,1 @@
+"""Genome Service: event-sourced genomes of LoRA layers and the personas that use them."""
