@@ -1,0 +1,1 @@
+"""Append-only event log on SQLAlchemy: append, read, subscribe, snapshots, upcasting."""

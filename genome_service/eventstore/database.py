@@ -1,0 +1,117 @@
+"""Engines and transactions for SQLite (WAL, embedded default) and PostgreSQL.
+
+SQLite writers start with ``BEGIN IMMEDIATE``: they take the write lock before
+their first read, so a read-then-append never fails half-way on a lock upgrade,
+and writers queue on ``busy_timeout`` instead. Readers use a separate engine with
+plain ``BEGIN`` and never block writers under WAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from genome_service.settings import Settings
+
+Dialect = Literal["sqlite", "postgresql"]
+
+# SQLite keeps timestamps as text in SQLAlchemy's format; all of ours are UTC.
+_SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def normalise_url(url: str) -> str:
+    """Route ``postgresql://`` URLs to psycopg 3, the driver we pin."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class Database:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_busy_timeout: float = 30.0) -> None:
+        self.url = normalise_url(url)
+        backend = sa.engine.make_url(self.url).get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {backend!r}: use a sqlite:/// or postgresql:// URL")
+        self.dialect: Dialect = backend  # type: ignore[assignment]
+        if self.dialect == "sqlite":
+            self.write_engine = self._sqlite_engine(sqlite_synchronous, sqlite_busy_timeout, "BEGIN IMMEDIATE")
+            self.read_engine = self._sqlite_engine(sqlite_synchronous, sqlite_busy_timeout, "BEGIN")
+        else:
+            self.write_engine = self.read_engine = sa.create_engine(
+                self.url, pool_size=8, max_overflow=32, pool_pre_ping=True
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        if not settings.database_url:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(
+            settings.resolved_database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            sqlite_busy_timeout=settings.sqlite_busy_timeout,
+        )
+
+    def _sqlite_engine(self, synchronous: str, busy_timeout: float, begin: str) -> Engine:
+        engine = sa.create_engine(
+            self.url,
+            pool_size=8,
+            max_overflow=32,
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            # Take transaction control from the sqlite3 module so that our BEGIN is the one issued.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: Connection) -> None:
+            connection.exec_driver_sql(begin)
+
+        return engine
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction; commits on success, rolls back on error."""
+        with self.write_engine.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.read_engine.connect() as connection:
+            yield connection
+
+    @property
+    def placeholder(self) -> str:
+        return "?" if self.dialect == "sqlite" else "%s"
+
+    def sql(self, statement: str) -> str:
+        """Write driver SQL once with ``?`` placeholders; psycopg wants ``%s``."""
+        return statement if self.dialect == "sqlite" else statement.replace("?", "%s")
+
+    def to_db_time(self, moment: datetime) -> object:
+        if self.dialect == "sqlite":
+            return moment.astimezone(UTC).strftime(_SQLITE_TIME_FORMAT)
+        return moment
+
+    def from_db_time(self, value: object) -> datetime:
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+
+    def dispose(self) -> None:
+        self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            self.read_engine.dispose()

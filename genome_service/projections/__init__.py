@@ -1,0 +1,1 @@
+"""Read models derived from events, each group with a checkpoint: inline, catch-up, rebuild."""

@@ -1,0 +1,113 @@
+"""Read-model tables. Each row is a stream's folded state plus its version and times."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from genome_service.eventstore.tables import Position
+
+
+def _json() -> sa.Column:  # type: ignore[type-arg]
+    return sa.Column(sa.JSON(), nullable=False)
+
+
+def _time() -> sa.Column:  # type: ignore[type-arg]
+    return sa.Column(sa.DateTime(timezone=True), nullable=False)
+
+
+class GenomeRow(SQLModel, table=True):
+    __tablename__ = "genomes"
+
+    genome_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    persona_id: str = Field(index=True, max_length=64)
+    base_model: str = Field(index=True, max_length=200)
+    name: str = Field(max_length=200)
+    description: str
+    parent_ids: list[str] = Field(sa_column=_json())
+    generation: int
+    archived: bool
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class GenomeLayerRefRow(SQLModel, table=True):
+    """One layer in a genome's stack; ``position`` 0 is the bottom of the stack."""
+
+    __tablename__ = "genome_layer_refs"
+
+    genome_id: str = Field(primary_key=True, max_length=64)
+    position: int = Field(primary_key=True)
+    layer_id: str = Field(index=True, max_length=64)
+    weight: float
+
+
+class LayerRow(SQLModel, table=True):
+    __tablename__ = "layers"
+
+    layer_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    name: str = Field(max_length=200)
+    description: str
+    base_model: str = Field(index=True, max_length=200)
+    adapter_sha256: str = Field(max_length=64)
+    adapter_format: str = Field(max_length=16)
+    rank: int
+    target_modules: list[str] = Field(sa_column=_json())
+    trait_type: str = Field(index=True, max_length=64)
+    tags: list[str] = Field(sa_column=_json())
+    creator: str = Field(index=True, max_length=200)
+    license: str = Field(max_length=200)
+    public: bool = Field(index=True)
+    parent_layer_id: str | None = Field(default=None, max_length=64)
+    training_metrics: dict | None = Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=True))  # type: ignore[type-arg]
+    deprecated: bool
+    deprecation_reason: str
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class PersonaRow(SQLModel, table=True):
+    __tablename__ = "personas"
+
+    persona_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    name: str = Field(max_length=200)
+    description: str
+    system_prompt: str
+    genome_id: str | None = Field(default=None, max_length=64)
+    archived: bool
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class AcademySessionRow(SQLModel, table=True):
+    __tablename__ = "academy_sessions"
+
+    session_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    persona_id: str = Field(index=True, max_length=64)
+    goal: str
+    target_similarity: float
+    budget_steps: int
+    budget_seconds: float
+    status: str = Field(index=True, max_length=16)
+    reason: str
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class ProjectionCheckpointRow(SQLModel, table=True):
+    """The last event position a projection has applied."""
+
+    __tablename__ = "projection_checkpoints"
+
+    name: str = Field(primary_key=True, max_length=64)
+    position: int = Field(sa_column=sa.Column(Position, nullable=False))

@@ -1,0 +1,1 @@
+"""Command handlers: load aggregate -> decide -> append (+ inline projections)."""

@@ -1,0 +1,42 @@
+"""Wires the service's parts from one Settings object; the only place that does."""
+
+from __future__ import annotations
+
+import typing
+
+import msgspec
+
+from genome_service.eventstore.codec import EventCodec
+from genome_service.eventstore.database import Database
+from genome_service.eventstore.repository import Repository
+from genome_service.eventstore.store import EventStore
+from genome_service.projections.projector import Projector
+from genome_service.projections.read_models import READ_MODELS
+from genome_service.services.handler import CommandHandler
+from genome_service.settings import Settings
+
+
+def domain_codec() -> EventCodec:
+    """A codec for every event of every aggregate (no upcasters yet: all events are v1)."""
+    return EventCodec(t for model in READ_MODELS for t in typing.get_args(model.decider.event_type))
+
+
+class Services(msgspec.Struct, frozen=True):
+    settings: Settings
+    database: Database
+    store: EventStore
+    repository: Repository
+    projector: Projector
+    commands: CommandHandler
+
+    def close(self) -> None:
+        self.database.dispose()
+
+
+def build(settings: Settings, *, database: Database | None = None, inline_projections: bool = True) -> Services:
+    database = database or Database.from_settings(settings)
+    store = EventStore(database, domain_codec())
+    repository = Repository(store, snapshot_every=settings.snapshot_every)
+    projector = Projector(repository, READ_MODELS)
+    commands = CommandHandler(repository, projector if inline_projections else None)
+    return Services(settings, database, store, repository, projector, commands)
