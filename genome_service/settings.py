@@ -55,11 +55,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         try:
             return msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
         except msgspec.ValidationError as exc:
-            raise SettingsError(str(exc)) from exc
+            message = str(exc)
+            field = message.rpartition("at `$.")[2].rstrip("`")
+            if field in fields:
+                message = f"{ENV_PREFIX}{field.upper()}: {message.partition(' - at ')[0]}"
+            raise SettingsError(message) from exc
 
 
 def _decode_path(kind: type, value: object) -> object:
-    if kind is Path and isinstance(value, str):
+    if kind is Path and isinstance(value, (str, Path)):
         return Path(value)
     raise NotImplementedError(f"cannot read {kind.__name__} from {value!r}")
 

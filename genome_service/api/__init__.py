@@ -1,0 +1,1 @@
+"""HTTP API: the Litestar app factory and one controller per resource."""

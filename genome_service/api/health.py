@@ -1,0 +1,40 @@
+"""Liveness and readiness for load balancers and orchestrators."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Controller, Response, get
+from litestar.status_codes import HTTP_200_OK
+
+from genome_service.services.bootstrap import Services
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    status: str
+    last_position: int
+    projection_checkpoint: int
+    projection_lag: int
+
+
+class HealthController(Controller):
+    tags = ["ops"]
+
+    @get("/health", operation_id="health", sync_to_thread=False)
+    def health(self) -> Health:
+        """The process is up."""
+        return Health("ok")
+
+    @get("/ready", operation_id="ready", sync_to_thread=True)
+    def ready(self, services: Services) -> Response[Readiness]:
+        """The database answers; reports how far the read models trail the log."""
+        with services.database.read() as connection:
+            last = services.store.last_position(connection)
+            checkpoint = services.projector.checkpoint(connection)
+        readiness = Readiness("ready", last, checkpoint, last - checkpoint)
+        return Response(readiness, status_code=HTTP_200_OK)
+
+

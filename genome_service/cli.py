@@ -1,0 +1,266 @@
+"""``genome-service``: run the server and administer its database, projections and log.
+
+Exit status: 0 on success, 1 on a user or input error, 2 on a runtime or system error.
+Heavy modules are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from genome_service.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from genome_service.services.bootstrap import Services
+
+app = typer.Typer(
+    name="genome-service",
+    help="Event-sourced genomes of LoRA layers and the personas that use them.",
+    epilog="Example: genome-service db upgrade && genome-service serve --port 8000",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(
+    help="Create and migrate the database schema (Alembic).",
+    epilog="Example: genome-service db upgrade",
+    no_args_is_help=True,
+)
+projections_app = typer.Typer(
+    help="Inspect, catch up and rebuild the read models.",
+    epilog="Example: genome-service projections rebuild",
+    no_args_is_help=True,
+)
+events_app = typer.Typer(
+    help="Read the event log.",
+    epilog="Example: genome-service events tail --follow",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
+app.add_typer(projections_app, name="projections")
+app.add_typer(events_app, name="events")
+
+
+class UserError(Exception):
+    """Something the user can fix: bad input, a missing migration. Exit status 1."""
+
+
+class Context:
+    def __init__(self, settings: Settings, quiet: bool) -> None:
+        self.settings = settings
+        self.quiet = quiet
+
+    def services(self) -> Services:
+        from genome_service.eventstore.migrations import current_revision, head_revision
+        from genome_service.services.bootstrap import build
+
+        url = self.settings.resolved_database_url
+        if not self.settings.database_url:
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if current_revision(url) != head_revision():
+            raise UserError(f"the database at {_safe(url)} is not migrated: run `genome-service db upgrade` first")
+        return build(self.settings)
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            typer.echo(message, err=True)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    database_url: Annotated[Optional[str], typer.Option(help="Database URL (env GENOME_DATABASE_URL); default: SQLite in --data-dir.")] = None,  # noqa: UP045
+    data_dir: Annotated[Optional[Path], typer.Option(help="Data directory (env GENOME_DATA_DIR).")] = None,  # noqa: UP045
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; errors still go to stderr.")] = False,
+) -> None:
+    ctx.obj = Context(Settings.from_env(database_url=database_url, data_dir=data_dir), quiet)
+
+
+@app.command(epilog="Example: genome-service serve --host 127.0.0.1 --port 8000 --workers 2")
+def serve(
+    ctx: typer.Context,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (env GENOME_HOST).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (env GENOME_PORT).")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (env GENOME_WORKERS).")] = None,  # noqa: UP045
+) -> None:
+    """Run the HTTP API on uvicorn."""
+    import uvicorn
+
+    context: Context = ctx.obj
+    settings = Settings.from_env(
+        database_url=context.settings.database_url or None, data_dir=context.settings.data_dir,
+        host=host, port=port, workers=workers,
+    )
+    context.settings = settings
+    context.services().close()  # fail fast, before forking workers, if the database is not ready
+    # Workers are separate processes: they read the same settings from the environment.
+    os.environ.update({
+        "GENOME_DATABASE_URL": settings.resolved_database_url,
+        "GENOME_DATA_DIR": str(settings.data_dir),
+    })
+    context.say(f"genome-service on http://{settings.host}:{settings.port} ({_safe(settings.resolved_database_url)})")
+    uvicorn.run(
+        "genome_service.api.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@db_app.command("upgrade", epilog="Example: genome-service db upgrade")
+def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the database to REVISION (default: the newest)."""
+    from genome_service.eventstore.migrations import upgrade
+
+    context: Context = ctx.obj
+    url = context.settings.resolved_database_url
+    if not context.settings.database_url:
+        context.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url, revision)
+    context.say(f"database at {_safe(url)} is at revision {revision}")
+
+
+@db_app.command("downgrade", epilog="Example: genome-service db downgrade base")
+def db_downgrade(ctx: typer.Context, revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
+    """Migrate the database back to REVISION (base removes every table, events included)."""
+    from genome_service.eventstore.migrations import downgrade
+
+    context: Context = ctx.obj
+    downgrade(context.settings.resolved_database_url, revision)
+    context.say(f"database is at revision {revision}")
+
+
+@db_app.command("current", epilog="Example: genome-service db current")
+def db_current(ctx: typer.Context) -> None:
+    """Print the database's revision and the newest one."""
+    from genome_service.eventstore.migrations import current_revision, head_revision
+
+    context: Context = ctx.obj
+    typer.echo(f"current: {current_revision(context.settings.resolved_database_url)}  head: {head_revision()}")
+
+
+@projections_app.command("status", epilog="Example: genome-service projections status")
+def projections_status(ctx: typer.Context) -> None:
+    """Print the log's last position, the read models' checkpoint and the lag."""
+    services = ctx.obj.services()
+    try:
+        with services.database.read() as connection:
+            last = services.store.last_position(connection)
+            checkpoint = services.projector.checkpoint(connection)
+        typer.echo(f"last position: {last}  checkpoint: {checkpoint}  lag: {last - checkpoint}")
+    finally:
+        services.close()
+
+
+@projections_app.command("catch-up", epilog="Example: genome-service projections catch-up")
+def projections_catch_up(ctx: typer.Context) -> None:
+    """Apply the events past the read models' checkpoint."""
+    context: Context = ctx.obj
+    services = context.services()
+    try:
+        with _progress(context, "catching up") as advance:
+            applied = services.projector.catch_up(advance)
+        context.say(f"applied {applied} events")
+    finally:
+        services.close()
+
+
+@projections_app.command("rebuild", epilog="Example: genome-service projections rebuild")
+def projections_rebuild(ctx: typer.Context) -> None:
+    """Recreate every read model from the first event (one transaction; readers see the old rows until it commits)."""
+    context: Context = ctx.obj
+    services = context.services()
+    try:
+        with _progress(context, "rebuilding") as advance:
+            position = services.projector.rebuild(advance)
+        context.say(f"read models rebuilt from {position} events")
+    finally:
+        services.close()
+
+
+@events_app.command("tail", epilog="Example: genome-service events tail --limit 50 --follow")
+def events_tail(
+    ctx: typer.Context,
+    after: Annotated[Optional[int], typer.Option("--after", help="Start after this global position (default: the last --limit events).")] = None,  # noqa: UP045
+    limit: Annotated[int, typer.Option(min=1, help="How many recent events to show when --after is not given.")] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until interrupted.")] = False,
+    stream: Annotated[Optional[str], typer.Option(help="Only events of this stream id.")] = None,  # noqa: UP045
+) -> None:
+    """Print events as JSON lines (position, stream, type, version, data, metadata, time)."""
+    import msgspec
+
+    from genome_service.eventstore.subscription import CatchUpSubscription
+
+    services = ctx.obj.services()
+    encoder = msgspec.json.Encoder()
+    start = after if after is not None else max(0, services.store.last_position() - limit)
+    subscription = CatchUpSubscription(services.store, after_position=start)
+    try:
+        for batch in subscription.batches(follow=follow):
+            for event in batch:
+                if stream is None or event.stream_id == stream:
+                    sys.stdout.write(encoder.encode(event).decode() + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        services.close()
+
+
+def _progress(context: Context, label: str):  # type: ignore[no-untyped-def]
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():  # type: ignore[no-untyped-def]
+        if context.quiet:
+            yield lambda done, total: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as progress:
+            task = progress.add_task(label, total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total or None)
+
+            yield advance
+
+    return bar()
+
+
+def _safe(url: str) -> str:
+    """A URL fit for logs: the password hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="genome-service", standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except typer.TyperException as error:  # usage errors: a bad command, option or value
+        error.show()  # type: ignore[attr-defined]
+        sys.exit(1)
+    except (UserError, SettingsError) as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except Exception as error:  # noqa: BLE001 - the last line of defence: a runtime error, said plainly
+        from genome_service.domain.common import DomainError
+
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1 if isinstance(error, DomainError) else 2)
+
+
+if __name__ == "__main__":
+    main()

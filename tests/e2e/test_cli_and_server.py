@@ -1,0 +1,88 @@
+"""The command line and the real server process, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+CLI = [sys.executable, "-m", "genome_service.cli"]
+COMMANDS = [
+    [], ["serve"], ["db"], ["db", "upgrade"], ["db", "downgrade"], ["db", "current"],
+    ["projections"], ["projections", "status"], ["projections", "catch-up"], ["projections", "rebuild"],
+    ["events"], ["events", "tail"],
+]
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GENOME_")}
+    return clean | {"GENOME_DATA_DIR": str(tmp_path / "data")}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
+def test_every_command_has_help_with_an_example(command: list[str], env: dict[str, str]) -> None:
+    result = run(*command, "--help", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: genome-service" in result.stdout
+    assert "Example: genome-service" in result.stdout
+
+
+def test_user_errors_exit_1_and_system_errors_exit_2_with_the_reason_on_stderr(env: dict[str, str]) -> None:
+    unknown = run("frobnicate", env=env)
+    assert unknown.returncode == 1 and "No such command" in unknown.stderr
+    not_migrated = run("projections", "status", env=env)
+    assert not_migrated.returncode == 1 and "db upgrade" in not_migrated.stderr
+    bad_setting = run("db", "current", env=env | {"GENOME_PORT": "eighty"})
+    assert bad_setting.returncode == 1 and "GENOME_PORT" in bad_setting.stderr
+    unreachable = run("--database-url", "postgresql://nobody@127.0.0.1:9/none", "projections", "status", env=env)
+    assert unreachable.returncode == 2 and "connection" in unreachable.stderr.lower()
+
+
+def test_upgrade_then_rebuild_and_tail_an_empty_log(env: dict[str, str]) -> None:
+    assert run("db", "upgrade", env=env).returncode == 0
+    rebuilt = run("--quiet", "projections", "rebuild", env=env)
+    assert rebuilt.returncode == 0 and rebuilt.stderr == ""
+    tail = run("events", "tail", env=env)
+    assert tail.returncode == 0 and tail.stdout == ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(env: dict[str, str]) -> Iterator[str]:
+    assert run("db", "upgrade", env=env).returncode == 0
+    port = _free_port()
+    process = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:  # uvicorn says when it accepts connections
+            if "Uvicorn running on" in line:
+                break
+        else:
+            pytest.fail(f"server exited with {process.wait()}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_server_answers_health_ready_and_its_openapi_schema(server: str) -> None:
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{server}/ready").json()
+    assert ready == {"status": "ready", "last_position": 0, "projection_checkpoint": 0, "projection_lag": 0}
+    assert httpx.get(f"{server}/schema/openapi.json").json()["info"]["title"] == "Genome Service"
