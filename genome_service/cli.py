@@ -41,7 +41,13 @@ events_app = typer.Typer(
     epilog="Example: genome-service events tail --follow",
     no_args_is_help=True,
 )
+keys_app = typer.Typer(
+    help="Create, list and revoke API keys (stored hashed).",
+    epilog="Example: genome-service keys create --owner alice",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
 app.add_typer(projections_app, name="projections")
 app.add_typer(events_app, name="events")
 
@@ -97,7 +103,20 @@ def serve(
         host=host, port=port, workers=workers,
     )
     context.settings = settings
-    context.services().close()  # fail fast, before forking workers, if the database is not ready
+    # Fail fast, before forking workers, if the database is not ready or the bind is unsafe.
+    services = context.services()
+    try:
+        from genome_service.api.auth import is_loopback, open_mode_is_safe
+
+        if not open_mode_is_safe(settings.host, services.keys):
+            raise UserError(
+                f"refusing to listen on {settings.host} without API keys: anyone could write. "
+                "Create one with `genome-service keys create --owner NAME`, or bind to 127.0.0.1"
+            )
+        if not services.keys.any_active() and is_loopback(settings.host):
+            context.say("no API keys exist: serving open on loopback only, every request acts as owner 'local'")
+    finally:
+        services.close()
     # Workers are separate processes: they read the same settings from the environment.
     os.environ.update({
         "GENOME_DATABASE_URL": settings.resolved_database_url,
@@ -144,6 +163,45 @@ def db_current(ctx: typer.Context) -> None:
 
     context: Context = ctx.obj
     typer.echo(f"current: {current_revision(context.settings.resolved_database_url)}  head: {head_revision()}")
+
+
+@keys_app.command("create", epilog="Example: genome-service keys create --owner alice")
+def keys_create(ctx: typer.Context, owner: Annotated[str, typer.Option(help="Who the key acts as; owns what it creates.")]) -> None:
+    """Issue a key and print it once (only its hash is stored)."""
+    services = ctx.obj.services()
+    try:
+        try:
+            issued = services.keys.create(owner)
+        except ValueError as error:
+            raise UserError(str(error)) from error
+        typer.echo(issued.secret)
+        ctx.obj.say(f"key {issued.key_id} for {issued.owner}: keep it now, it cannot be shown again")
+    finally:
+        services.close()
+
+
+@keys_app.command("list", epilog="Example: genome-service keys list")
+def keys_list(ctx: typer.Context) -> None:
+    """List keys: id, owner, created, revoked."""
+    services = ctx.obj.services()
+    try:
+        for key in services.keys.list():
+            revoked = key.revoked_at.isoformat() if key.revoked_at else "active"
+            typer.echo(f"{key.key_id}  {key.owner}  {key.created_at.isoformat()}  {revoked}")
+    finally:
+        services.close()
+
+
+@keys_app.command("revoke", epilog="Example: genome-service keys revoke 3f9a0c1b2d4e")
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key's id, as `keys list` shows it.")]) -> None:
+    """Revoke a key at once; requests with it get 401."""
+    services = ctx.obj.services()
+    try:
+        if not services.keys.revoke(key_id):
+            raise UserError(f"no active key with id {key_id!r}")
+        ctx.obj.say(f"key {key_id} revoked")
+    finally:
+        services.close()
 
 
 @projections_app.command("status", epilog="Example: genome-service projections status")

@@ -27,6 +27,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     port: int = 8000
     workers: int = 1
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Largest JSON request body; adapter uploads have their own, larger limit.
+    max_body_bytes: int = 1_048_576
+    max_adapter_bytes: int = 268_435_456
+    max_lora_rank: int = 64
+    # Requests per minute per API key (or per address without one); 0 turns limiting off.
+    rate_limit_per_minute: int = 1200
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
@@ -35,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_PORT must be within 1..65535")
         if self.workers < 1:
             raise ValueError("GENOME_WORKERS must be >= 1")
+        if min(self.max_body_bytes, self.max_adapter_bytes, self.max_lora_rank) < 1:
+            raise ValueError("GENOME_MAX_BODY_BYTES, GENOME_MAX_ADAPTER_BYTES and GENOME_MAX_LORA_RANK must be >= 1")
+        if self.rate_limit_per_minute < 0:
+            raise ValueError("GENOME_RATE_LIMIT_PER_MINUTE must be >= 0 (0 turns limiting off)")
 
     @property
     def resolved_database_url(self) -> str:

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
+from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
+from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
+from genome_service.api.personas import PersonaController
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
 
 log = logging.getLogger("genome_service")
 
 
+def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
+    return presented_key(request) or get_remote_address(request)
+
+
 def create_app(services: Services) -> Litestar:
+    settings = services.settings
+
     def provide_services() -> Services:
         return services
 
@@ -24,13 +38,29 @@ def create_app(services: Services) -> Litestar:
         applied = services.projector.catch_up()
         if applied:
             log.info("read models caught up on %d events", applied)
+        if not services.keys.any_active():
+            log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
 
+    middleware: list[Any] = [DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
+    if settings.rate_limit_per_minute:
+        limit = RateLimitConfig(
+            rate_limit=("minute", settings.rate_limit_per_minute),
+            exclude=PUBLIC_PATHS,
+            identifier_for_request=_rate_limit_identity,
+        )
+        middleware.insert(0, limit.middleware)
     return Litestar(
-        route_handlers=[HealthController],
+        route_handlers=[HealthController, GenomeController, PersonaController],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        middleware=middleware,
+        plugins=[problem_details_plugin()],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_max_body_size=settings.max_body_bytes,
         on_startup=[catch_up],
         on_shutdown=[services.close],
-        openapi_config=OpenAPIConfig(title="Genome Service", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
+        ),
     )
 
 

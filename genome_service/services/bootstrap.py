@@ -13,6 +13,7 @@ from genome_service.eventstore.store import EventStore
 from genome_service.projections.projector import Projector
 from genome_service.projections.read_models import READ_MODELS
 from genome_service.services.handler import CommandHandler
+from genome_service.services.keys import KeyStore
 from genome_service.settings import Settings
 
 
@@ -28,6 +29,7 @@ class Services(msgspec.Struct, frozen=True):
     repository: Repository
     projector: Projector
     commands: CommandHandler
+    keys: KeyStore
 
     def close(self) -> None:
         self.database.dispose()
@@ -39,4 +41,4 @@ def build(settings: Settings, *, database: Database | None = None, inline_projec
     repository = Repository(store, snapshot_every=settings.snapshot_every)
     projector = Projector(repository, READ_MODELS)
     commands = CommandHandler(repository, projector if inline_projections else None)
-    return Services(settings, database, store, repository, projector, commands)
+    return Services(settings, database, store, repository, projector, commands, KeyStore(database))

@@ -90,4 +90,5 @@ class CommandHandler:
     ) -> Outcome[S]:
         if prior_stream != stream_id:
             raise IdempotencyKeyReused(key or "", stream_id, prior_stream)
-        return Outcome(self.repository.load(decider, stream_id), events, replayed=True)
+        # Answer as the first time: the stream as that append left it.
+        return Outcome(self.repository.load(decider, stream_id, to_version=events[-1].version), events, replayed=True)

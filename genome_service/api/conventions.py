@@ -1,0 +1,65 @@
+"""HTTP conventions shared by every controller: versions as ETags, If-Match, Idempotency-Key, cursors."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.exceptions import ClientException
+
+from genome_service.eventstore.records import EventMetadata
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def expected_version(request: Request[Any, Any, Any]) -> int | None:
+    """The stream version a client's ``If-Match`` names, if it sent one."""
+    header = request.headers.get("if-match")
+    if header is None:
+        return None
+    value = header.strip().removeprefix("W/").strip('"')
+    if not value.isdigit() or int(value) < 1:
+        raise ClientException(f"If-Match must be an ETag this service issued, like \"3\" (got {header!r})")
+    return int(value)
+
+
+def command_metadata(request: Request[Any, Any, Any], owner: str) -> EventMetadata:
+    """Who asked, and the Idempotency-Key namespaced by owner so keys never collide across owners."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ClientException(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    correlation = request.headers.get("x-request-id")
+    return EventMetadata(
+        actor=owner,
+        correlation_id=correlation[:200] if correlation else None,
+        idempotency_key=f"{owner}:{key}" if key is not None else None,
+    )
+
+
+class Cursor(msgspec.Struct, array_like=True, frozen=True):
+    """Keyset position: the (created_at, id) of the last item of the previous page."""
+
+    created_at: datetime
+    id: str
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(msgspec.json.encode(self)).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        try:
+            return msgspec.json.decode(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)), type=cls)
+        except (ValueError, msgspec.DecodeError) as exc:
+            raise ClientException(f"cursor {token[:40]!r} is not one this service issued") from exc
+
+
+class Page(msgspec.Struct, frozen=True):
+    items: list[Any]
+    next_cursor: str | None

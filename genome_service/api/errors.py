@@ -1,0 +1,89 @@
+"""One place that turns the service's errors into RFC 9457 problem details."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.status_codes import (
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
+    HTTP_410_GONE,
+    HTTP_412_PRECONDITION_FAILED,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+)
+
+from genome_service.domain.common import DomainError
+from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
+
+PROBLEM_BASE = "https://genome-service.dev/problems/"
+
+# Rules that mean "the resource is in a state that forbids this", not "your input is wrong".
+_CONFLICT_SUFFIXES = ("_exists", "_already_attached", "_archived", "_deprecated", "_finished", "_not_allowed")
+
+
+class NotFound(Exception):
+    def __init__(self, kind: str, resource_id: str) -> None:
+        super().__init__(f"no {kind} {resource_id!r}")
+        self.kind = kind
+
+
+class Gone(Exception):
+    def __init__(self, kind: str, resource_id: str) -> None:
+        super().__init__(f"{kind} {resource_id!r} is archived; its history stays at /{kind}s/{resource_id}/events")
+        self.kind = kind
+
+
+def problem(status: int, rule: str, detail: str, **extra: Any) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=status, type_=PROBLEM_BASE + rule, title=rule.replace("_", " "), detail=detail,
+        extra={"rule": rule, **extra},
+    )
+
+
+def _domain(exc: DomainError) -> ProblemDetailsException:
+    if exc.rule.endswith("_not_found"):
+        return problem(HTTP_404_NOT_FOUND, exc.rule, exc.message)
+    status = HTTP_409_CONFLICT if exc.rule.endswith(_CONFLICT_SUFFIXES) else HTTP_422_UNPROCESSABLE_ENTITY
+    return problem(status, exc.rule, exc.message)
+
+
+def _conflict(request: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Response[Any]:
+    # A stale If-Match is the client's precondition failing; otherwise a writer raced us.
+    if "if-match" in request.headers:
+        error = problem(HTTP_412_PRECONDITION_FAILED, "stale_version", str(exc), current_version=exc.actual)
+    else:
+        error = problem(HTTP_409_CONFLICT, "concurrent_change", str(exc), current_version=exc.actual)
+    return error.to_response(request)
+
+
+def _http(exc: HTTPException) -> ProblemDetailsException:
+    rule = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+            413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}.get(exc.status_code, "error")
+    extra = exc.extra if isinstance(exc.extra, dict) else {"errors": exc.extra} if exc.extra else {}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 429 and "RateLimit-Reset" in headers:
+        headers["Retry-After"] = headers["RateLimit-Reset"]
+    return ProblemDetailsException(
+        status_code=exc.status_code, type_=PROBLEM_BASE + rule, title=rule.replace("_", " "),
+        detail=exc.detail, headers=headers, extra={"rule": rule, **extra},
+    )
+
+
+def problem_details_plugin() -> ProblemDetailsPlugin:
+    return ProblemDetailsPlugin(
+        ProblemDetailsConfig(
+            exception_to_problem_detail_map={
+                HTTPException: _http,
+                DomainError: _domain,
+                IdempotencyKeyReused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_reused", str(e)),
+                NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
+                Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
+            }
+        )
+    )
+
+
+EXCEPTION_HANDLERS = {ConcurrencyConflict: _conflict}

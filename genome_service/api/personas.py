@@ -1,0 +1,147 @@
+"""Personas: who speaks, with which system prompt and which genome."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+
+from genome_service.api.conventions import Page, command_metadata, expected_version
+from genome_service.api.errors import NotFound
+from genome_service.api.resources import (
+    MAX_PAGE,
+    EventView,
+    caller_of,
+    event_views,
+    page,
+    visible_row,
+    with_etag,
+)
+from genome_service.domain import persona as domain
+from genome_service.domain.genome import GENOME
+from genome_service.eventstore.repository import Aggregate
+from genome_service.projections.tables import PersonaRow
+from genome_service.services.bootstrap import Services
+from genome_service.services.creation import create_stream
+
+TABLE = PersonaRow.__table__  # type: ignore[attr-defined]
+
+
+class PersonaCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    description: str = ""
+    system_prompt: str = ""
+
+
+class PersonaUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str | None = None
+    description: str | None = None
+    system_prompt: str | None = None
+
+
+class GenomeAssignment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    genome_id: str
+
+
+class Persona(msgspec.Struct, frozen=True):
+    id: str
+    owner: str
+    name: str
+    description: str
+    system_prompt: str
+    genome_id: str | None
+    archived: bool
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def _from_aggregate(aggregate: Aggregate[domain.Persona]) -> Persona:
+    state = aggregate.state
+    assert state is not None and aggregate.created_at and aggregate.updated_at
+    return Persona(
+        state.persona_id, state.owner, state.name, state.description, state.system_prompt,
+        state.genome_id, state.archived, aggregate.version, aggregate.created_at, aggregate.updated_at,
+    )
+
+
+def _from_row(row: dict[str, Any]) -> Persona:
+    return Persona(
+        row["persona_id"], row["owner"], row["name"], row["description"], row["system_prompt"],
+        row["genome_id"], row["archived"], row["version"], row["created_at"], row["updated_at"],
+    )
+
+
+class PersonaController(Controller):
+    path = "/personas"
+    tags = ["personas"]
+
+    @post("/", operation_id="createPersona", status_code=HTTP_201_CREATED, sync_to_thread=True)
+    def create(self, request: Request[Any, Any, Any], services: Services, data: PersonaCreate) -> Response[Persona]:
+        """Create a persona owned by the caller."""
+        owner = caller_of(request).owner
+        outcome = create_stream(
+            services, domain.PERSONA, command_metadata(request, owner),
+            lambda persona_id: domain.CreatePersona(persona_id, owner, data.name, data.description, data.system_prompt),
+        )
+        persona = _from_aggregate(outcome.aggregate)
+        return with_etag(persona, persona.version, HTTP_201_CREATED, {"Location": f"/personas/{persona.id}"})
+
+    @get("/{persona_id:str}", operation_id="getPersona", sync_to_thread=True)
+    def read(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> Response[Persona]:
+        """One persona; 410 once archived."""
+        row = visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona")
+        return with_etag(_from_row(row), row["version"])
+
+    @get("/", operation_id="listPersonas", sync_to_thread=True)
+    def list(
+        self, request: Request[Any, Any, Any], services: Services,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
+        cursor: str | None = None,
+        archived: bool = False,
+    ) -> Page:
+        """The caller's personas, oldest first, a page at a time."""
+        where = [TABLE.c.owner == caller_of(request).owner, TABLE.c.archived == archived]
+        listed = page(services, TABLE, "persona_id", where, cursor, limit, dict)
+        return Page([_from_row(row) for row in listed.items], listed.next_cursor)
+
+    @patch("/{persona_id:str}", operation_id="updatePersona", sync_to_thread=True)
+    def update(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: PersonaUpdate) -> Response[Persona]:
+        """Change name, description or system prompt; honours If-Match."""
+        command = domain.ChangePersonaProfile(data.name, data.description, data.system_prompt)
+        return self._execute(request, services, persona_id, command)
+
+    @put("/{persona_id:str}/genome", operation_id="assignGenome", sync_to_thread=True)
+    def assign_genome(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: GenomeAssignment) -> Response[Persona]:
+        """Make one of the persona's genomes the one it speaks with."""
+        owner = caller_of(request).owner
+        genome = services.repository.load(GENOME, data.genome_id).state
+        if genome is None or genome.owner != owner:
+            raise NotFound("genome", data.genome_id)
+        facts = domain.GenomeFacts(genome.genome_id, genome.persona_id, genome.archived)
+        return self._execute(request, services, persona_id, domain.AssignGenome(facts))
+
+    @delete("/{persona_id:str}", operation_id="archivePersona", status_code=HTTP_204_NO_CONTENT, sync_to_thread=True)
+    def archive(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> None:
+        """Archive: the persona stops changing; its history stays."""
+        self._execute(request, services, persona_id, domain.ArchivePersona())
+
+    @get("/{persona_id:str}/events", operation_id="personaEvents", sync_to_thread=True)
+    def events(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> list[EventView]:
+        """The persona's whole history, oldest first."""
+        visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)
+        return event_views(services.store.read_stream(persona_id))
+
+    def _execute(self, request: Request[Any, Any, Any], services: Services, persona_id: str, command: Any) -> Response[Persona]:
+        owner = caller_of(request).owner
+        visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)
+        outcome = services.commands.execute(
+            domain.PERSONA, persona_id, command,
+            expected_version=expected_version(request), metadata=command_metadata(request, owner),
+        )
+        persona = _from_aggregate(outcome.aggregate)
+        return with_etag(persona, persona.version)

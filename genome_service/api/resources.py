@@ -1,0 +1,80 @@
+"""Helpers every resource controller shares: visibility, ETag responses, event views, pages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypeVar
+
+import msgspec
+import sqlalchemy as sa
+from litestar import Request, Response
+from litestar.status_codes import HTTP_200_OK
+
+from genome_service.api.auth import Caller
+from genome_service.api.conventions import Cursor, Page, etag
+from genome_service.api.errors import Gone, NotFound
+from genome_service.eventstore.records import RecordedEvent
+from genome_service.projections.queries import get_row, list_rows, utc
+from genome_service.services.bootstrap import Services
+
+T = TypeVar("T")
+MAX_PAGE = 200
+
+
+class EventView(msgspec.Struct, frozen=True):
+    position: int
+    version: int
+    type: str
+    data: dict[str, Any]
+    actor: str | None
+    recorded_at: datetime
+
+
+def event_views(events: list[RecordedEvent]) -> list[EventView]:
+    return [
+        EventView(e.position, e.version, e.type, msgspec.to_builtins(e.event), e.metadata.actor, e.recorded_at)
+        for e in events
+    ]
+
+
+def with_etag(body: T, version: int, status_code: int = HTTP_200_OK, headers: dict[str, str] | None = None) -> Response[T]:
+    return Response(body, status_code=status_code, headers={"ETag": etag(version), **(headers or {})})
+
+
+def visible_row(
+    services: Services, table: sa.Table, key: str, resource_id: str, caller: Caller, kind: str,
+    *, archived_column: str | None = "archived", public_column: str | None = None,
+) -> dict[str, Any]:
+    """The row, if the caller may see it: another owner's private resource is simply not found."""
+    with services.database.read() as connection:
+        row = get_row(connection, table, key, resource_id)
+    if row is None or (row["owner"] != caller.owner and not (public_column and row[public_column])):
+        raise NotFound(kind, resource_id)
+    if archived_column and row[archived_column]:
+        raise Gone(kind, resource_id)
+    row["created_at"], row["updated_at"] = utc(row["created_at"]), utc(row["updated_at"])
+    return row
+
+
+def page(
+    services: Services, table: sa.Table, key: str, where: list[sa.ColumnElement[bool]],
+    cursor: str | None, limit: int, convert: type[T],
+) -> Page:
+    after = None
+    if cursor is not None:
+        decoded = Cursor.decode(cursor)
+        after = (decoded.created_at, decoded.id)
+    with services.database.read() as connection:
+        rows, more = list_rows(connection, table, key, where, after=after, limit=limit)
+    for row in rows:
+        row["created_at"], row["updated_at"] = utc(row["created_at"]), utc(row["updated_at"])
+    next_cursor = Cursor(rows[-1]["created_at"], rows[-1][key]).encode() if more else None
+    return Page([convert_row(row, convert) for row in rows], next_cursor)
+
+
+def convert_row(row: dict[str, Any], convert: type[T]) -> T:
+    return msgspec.convert(row, convert, from_attributes=False, str_keys=True)
+
+
+def caller_of(request: Request[Any, Any, Any]) -> Caller:
+    return request.user  # type: ignore[no-any-return]

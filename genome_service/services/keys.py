@@ -1,0 +1,106 @@
+"""API keys: stored as SHA-256 hashes, looked up by a public id, revocable.
+
+A key reads ``gsk_<key id>_<secret>``. Only its hash is kept, so a leaked
+database does not leak working keys; the id lets a lookup hit one row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import UTC, datetime
+
+import msgspec
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from genome_service.eventstore.database import Database
+from genome_service.projections.queries import utc
+
+PREFIX = "gsk"
+
+
+class ApiKeyRow(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    key_id: str = Field(primary_key=True, max_length=32)
+    owner: str = Field(index=True, max_length=200)
+    key_hash: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True))
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    key_id: str
+    owner: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class IssuedKey(msgspec.Struct, frozen=True):
+    key_id: str
+    owner: str
+    secret: str  # shown once, never stored
+
+
+_table = ApiKeyRow.__table__  # type: ignore[attr-defined]
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def create(self, owner: str) -> IssuedKey:
+        owner = owner.strip()
+        if not owner or len(owner) > 200:
+            raise ValueError("an API key needs an owner name of 1 to 200 characters")
+        key_id = secrets.token_hex(6)
+        secret = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        with self.database.write() as connection:
+            connection.execute(
+                sa.insert(_table).values(key_id=key_id, owner=owner, key_hash=_hash(secret), created_at=datetime.now(UTC))
+            )
+        return IssuedKey(key_id, owner, secret)
+
+    def revoke(self, key_id: str) -> bool:
+        with self.database.write() as connection:
+            result = connection.execute(
+                sa.update(_table)
+                .where(_table.c.key_id == key_id, _table.c.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
+        return result.rowcount == 1
+
+    def list(self) -> list[ApiKey]:
+        with self.database.read() as connection:
+            rows = connection.execute(sa.select(_table).order_by(_table.c.created_at)).mappings()
+            return [
+                ApiKey(r["key_id"], r["owner"], utc(r["created_at"]), r["revoked_at"] and utc(r["revoked_at"]))
+                for r in rows
+            ]
+
+    def any_active(self) -> bool:
+        with self.database.read() as connection:
+            return connection.execute(
+                sa.select(sa.literal(1)).where(_table.c.revoked_at.is_(None)).limit(1)
+            ).first() is not None
+
+    def owner_of(self, presented: str) -> str | None:
+        """The owner of an active key, or None for anything else."""
+        parts = presented.split("_")
+        if len(parts) < 3 or parts[0] != PREFIX:
+            return None
+        with self.database.read() as connection:
+            row = connection.execute(
+                sa.select(_table.c.owner, _table.c.key_hash).where(
+                    _table.c.key_id == parts[1], _table.c.revoked_at.is_(None)
+                )
+            ).first()
+        if row is None or not hmac.compare_digest(row.key_hash, _hash(presented)):
+            return None
+        return row.owner

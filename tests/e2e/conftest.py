@@ -1,0 +1,73 @@
+"""The real server, started as its own process and spoken to over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from genome_service.eventstore.migrations import upgrade
+
+CLI = [sys.executable, "-m", "genome_service.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENOME_")}
+    return env | {"GENOME_DATA_DIR": str(tmp_path / "data"), **extra}
+
+
+class Server:
+    def __init__(self, url: str, env: dict[str, str]) -> None:
+        self.url = url
+        self.env = env
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=self.env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(database_url: str | None = None, **settings: str) -> Server:
+        env = clean_env(tmp_path, **{f"GENOME_{k.upper()}": v for k, v in settings.items()})
+        if database_url:
+            env["GENOME_DATABASE_URL"] = database_url
+        else:
+            (tmp_path / "data").mkdir(exist_ok=True)
+            upgrade(f"sqlite:///{tmp_path / 'data' / 'genome.db'}")
+        port = free_port()
+        process = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stderr is not None
+        for line in process.stderr:  # uvicorn says when it accepts connections
+            if "Uvicorn running on" in line:
+                return Server(f"http://127.0.0.1:{port}", env)
+        pytest.fail(f"server exited with {process.wait()}")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    """A server on a fresh embedded SQLite database, open on loopback (no keys)."""
+    return start_server()
