@@ -131,6 +131,43 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+class GCTimer:
+    """Counts the garbage collector's passes and the time they take while active.
+
+    Use as ``with GCTimer() as gc_time: ...``; then ``gc_time.seconds`` and
+    ``gc_time.collections`` (per generation) tell how much of a run was the GC's.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> GCTimer:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def timed_with_gc(fn: Callable[[], Any]) -> tuple[float, GCTimer]:
+    """Like ``timed``, also returning how much of the time the garbage collector took."""
+    gc.collect()
+    with GCTimer() as gc_time:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    return seconds, gc_time
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 

@@ -14,6 +14,8 @@ ENV_PREFIX = "GENOME_"
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     data_dir: Path = Path("./data")
+    # Where adapter blobs live (content-addressed); default: ``data_dir/blobs``.
+    blob_dir: Path | None = None
     # Empty means the embedded default: a SQLite file inside ``data_dir``.
     database_url: str = ""
     # WAL + NORMAL survives a crashed process (not a lost power supply) and is

@@ -16,6 +16,7 @@ from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presente
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
+from genome_service.api.layers import layer_controller
 from genome_service.api.personas import PersonaController
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
@@ -50,7 +51,9 @@ def create_app(services: Services) -> Litestar:
         )
         middleware.insert(0, limit.middleware)
     return Litestar(
-        route_handlers=[HealthController, GenomeController, PersonaController],
+        route_handlers=[
+            HealthController, GenomeController, PersonaController, layer_controller(settings.max_adapter_bytes),
+        ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         middleware=middleware,
         plugins=[problem_details_plugin()],

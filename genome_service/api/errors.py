@@ -6,7 +6,11 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
-from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
 from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
@@ -17,6 +21,8 @@ from litestar.status_codes import (
 
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
+from inference.lora.adapter import AdapterRejected
+from inference.models import UnknownModel
 
 PROBLEM_BASE = "https://genome-service.dev/problems/"
 
@@ -79,6 +85,8 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
                 HTTPException: _http,
                 DomainError: _domain,
                 IdempotencyKeyReused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_reused", str(e)),
+                AdapterRejected: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.reason, str(e)),
+                UnknownModel: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "unknown_base_model", str(e)),
                 NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
                 Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
             }

@@ -15,7 +15,15 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from genome_service.api.auth import Caller
 from genome_service.api.conventions import Page, command_metadata, expected_version
 from genome_service.api.errors import Gone, NotFound
-from genome_service.api.resources import MAX_PAGE, EventView, caller_of, event_views, page, visible_row, with_etag
+from genome_service.api.resources import (
+    MAX_PAGE,
+    EventView,
+    caller_of,
+    event_views,
+    page,
+    visible_row,
+    with_etag,
+)
 from genome_service.domain import genome as domain
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA

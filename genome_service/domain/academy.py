@@ -21,7 +21,7 @@ MAX_BUDGET_STEPS = 100_000
 MAX_BUDGET_SECONDS = 86_400.0
 
 
-class SessionStatus(str, enum.Enum):
+class SessionStatus(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"

@@ -24,7 +24,7 @@ MAX_TAG_LENGTH = 64
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class TraitType(str, enum.Enum):
+class TraitType(enum.StrEnum):
     GENERAL_REASONING = "general_reasoning"
     TONE_AND_VOICE = "tone_and_voice"
     ETHICAL_REASONING = "ethical_reasoning"

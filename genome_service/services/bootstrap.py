@@ -12,9 +12,11 @@ from genome_service.eventstore.repository import Repository
 from genome_service.eventstore.store import EventStore
 from genome_service.projections.projector import Projector
 from genome_service.projections.read_models import READ_MODELS
+from genome_service.services.blobs import BlobStore
 from genome_service.services.handler import CommandHandler
 from genome_service.services.keys import KeyStore
 from genome_service.settings import Settings
+from inference.models import ModelCatalog
 
 
 def domain_codec() -> EventCodec:
@@ -30,6 +32,8 @@ class Services(msgspec.Struct, frozen=True):
     projector: Projector
     commands: CommandHandler
     keys: KeyStore
+    blobs: BlobStore
+    models: ModelCatalog
 
     def close(self) -> None:
         self.database.dispose()
@@ -41,4 +45,7 @@ def build(settings: Settings, *, database: Database | None = None, inline_projec
     repository = Repository(store, snapshot_every=settings.snapshot_every)
     projector = Projector(repository, READ_MODELS)
     commands = CommandHandler(repository, projector if inline_projections else None)
-    return Services(settings, database, store, repository, projector, commands, KeyStore(database))
+    return Services(
+        settings, database, store, repository, projector, commands, KeyStore(database),
+        BlobStore(settings.blob_dir or settings.data_dir / "blobs"), ModelCatalog(settings.data_dir / "models"),
+    )

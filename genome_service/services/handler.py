@@ -8,7 +8,12 @@ import msgspec
 
 from genome_service.domain.common import Decider
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
-from genome_service.eventstore.records import NO_METADATA, EventMetadata, Expect, RecordedEvent
+from genome_service.eventstore.records import (
+    NO_METADATA,
+    EventMetadata,
+    Expect,
+    RecordedEvent,
+)
 from genome_service.eventstore.repository import Aggregate, Repository
 from genome_service.projections.projector import Projector
 

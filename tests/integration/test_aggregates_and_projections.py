@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-
 from factories import BASE_MODEL, attach, create_persona_with_genome, register_layer
+
 from genome_service.domain.common import DomainError
 from genome_service.domain.genome import GENOME, AttachLayer, LayerFacts, ReweightLayer
 from genome_service.domain.persona import PERSONA, AssignGenome, GenomeFacts

@@ -11,7 +11,11 @@ import pytest
 from genome_service.domain.persona import PersonaProfileChanged
 from genome_service.eventstore.codec import EventCodec, Upcaster
 from genome_service.eventstore.database import Database
-from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused, StreamTypeMismatch
+from genome_service.eventstore.errors import (
+    ConcurrencyConflict,
+    IdempotencyKeyReused,
+    StreamTypeMismatch,
+)
 from genome_service.eventstore.records import EventMetadata, Expect
 from genome_service.eventstore.store import EventStore
 from genome_service.eventstore.subscription import CatchUpSubscription

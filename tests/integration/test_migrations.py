@@ -30,7 +30,7 @@ def test_downgrade_to_base_removes_every_table_and_upgrade_restores_them(databas
 
 
 def test_the_database_refuses_update_and_delete_on_events(services) -> None:  # type: ignore[no-untyped-def]
-    from genome_service.domain.persona import CreatePersona, PERSONA
+    from genome_service.domain.persona import PERSONA, CreatePersona
 
     services.commands.execute(PERSONA, "p1", CreatePersona("p1", "alice", "Ada"))
     for statement in ("UPDATE events SET type = 'Forged'", "DELETE FROM events"):

@@ -14,9 +14,9 @@ from genome_service.domain.layer import (
     LayerRegistered,
     RecordTrainingMetrics,
     RegisterLayer,
-    TraitType,
     TrainingMetrics,
     TrainingMetricsRecorded,
+    TraitType,
 )
 
 SHA = "ab" * 32
