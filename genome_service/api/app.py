@@ -17,6 +17,7 @@ from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
 from genome_service.api.layers import layer_controller
+from genome_service.api.metrics import MetricsController, prometheus, register, unregister
 from genome_service.api.personas import PersonaController
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
@@ -42,25 +43,27 @@ def create_app(services: Services) -> Litestar:
         if not services.keys.any_active():
             log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
 
-    middleware: list[Any] = [DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
+    metrics_config, store_metrics = prometheus(services)
+    middleware: list[Any] = [metrics_config.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
     if settings.rate_limit_per_minute:
         limit = RateLimitConfig(
             rate_limit=("minute", settings.rate_limit_per_minute),
             exclude=PUBLIC_PATHS,
             identifier_for_request=_rate_limit_identity,
         )
-        middleware.insert(0, limit.middleware)
+        middleware.insert(1, limit.middleware)
     return Litestar(
         route_handlers=[
-            HealthController, GenomeController, PersonaController, layer_controller(settings.max_adapter_bytes),
+            HealthController, MetricsController, GenomeController, PersonaController,
+            layer_controller(settings.max_adapter_bytes),
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[catch_up],
-        on_shutdown=[services.close],
+        on_startup=[catch_up, lambda: register(store_metrics)],
+        on_shutdown=[lambda: unregister(store_metrics), services.close],
         openapi_config=OpenAPIConfig(
             title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
         ),

@@ -40,7 +40,7 @@ TRANSITIONS = {
 
 
 # Events
-class AcademySessionStarted(msgspec.Struct, frozen=True, tag=True):
+class AcademySessionStarted(msgspec.Struct, frozen=True, gc=False, tag=True):
     session_id: str
     owner: str
     persona_id: str
@@ -50,7 +50,7 @@ class AcademySessionStarted(msgspec.Struct, frozen=True, tag=True):
     budget_seconds: float
 
 
-class SessionStatusChanged(msgspec.Struct, frozen=True, tag=True):
+class SessionStatusChanged(msgspec.Struct, frozen=True, gc=False, tag=True):
     status: SessionStatus
     reason: str = ""
 
@@ -59,7 +59,7 @@ AcademyEvent = AcademySessionStarted | SessionStatusChanged
 
 
 # State
-class AcademySession(msgspec.Struct, frozen=True):
+class AcademySession(msgspec.Struct, frozen=True, gc=False):
     session_id: str
     owner: str
     persona_id: str
@@ -72,7 +72,7 @@ class AcademySession(msgspec.Struct, frozen=True):
 
 
 # Commands
-class StartAcademySession(msgspec.Struct, frozen=True):
+class StartAcademySession(msgspec.Struct, frozen=True, gc=False):
     session_id: str
     owner: str
     persona_id: str
@@ -82,7 +82,7 @@ class StartAcademySession(msgspec.Struct, frozen=True):
     budget_seconds: float = 3600.0
 
 
-class ChangeSessionStatus(msgspec.Struct, frozen=True):
+class ChangeSessionStatus(msgspec.Struct, frozen=True, gc=False):
     status: SessionStatus
     reason: str = ""
 

@@ -20,7 +20,7 @@ from genome_service.domain.common import (
 STREAM_TYPE = "genome"
 
 
-class LayerRef(msgspec.Struct, frozen=True):
+class LayerRef(msgspec.Struct, frozen=True, gc=False):
     """One layer in a stack; the tuple order is the stack order, index 0 at the bottom."""
 
     layer_id: str
@@ -28,7 +28,7 @@ class LayerRef(msgspec.Struct, frozen=True):
 
 
 # Events
-class GenomeCreated(msgspec.Struct, frozen=True, tag=True):
+class GenomeCreated(msgspec.Struct, frozen=True, gc=False, tag=True):
     genome_id: str
     owner: str
     persona_id: str
@@ -37,7 +37,7 @@ class GenomeCreated(msgspec.Struct, frozen=True, tag=True):
     description: str = ""
 
 
-class GenomeForked(msgspec.Struct, frozen=True, tag=True):
+class GenomeForked(msgspec.Struct, frozen=True, gc=False, tag=True):
     genome_id: str
     owner: str
     persona_id: str
@@ -49,35 +49,35 @@ class GenomeForked(msgspec.Struct, frozen=True, tag=True):
     generation: int
 
 
-class GenomeDetailsChanged(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+class GenomeDetailsChanged(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
     name: str | None = None
     description: str | None = None
 
 
-class LayerAttached(msgspec.Struct, frozen=True, tag=True):
+class LayerAttached(msgspec.Struct, frozen=True, gc=False, tag=True):
     layer_id: str
     weight: float
     position: int
 
 
-class LayerDetached(msgspec.Struct, frozen=True, tag=True):
+class LayerDetached(msgspec.Struct, frozen=True, gc=False, tag=True):
     layer_id: str
 
 
-class LayerReweighted(msgspec.Struct, frozen=True, tag=True):
+class LayerReweighted(msgspec.Struct, frozen=True, gc=False, tag=True):
     layer_id: str
     weight: float
 
 
-class LayersReordered(msgspec.Struct, frozen=True, tag=True):
+class LayersReordered(msgspec.Struct, frozen=True, gc=False, tag=True):
     layer_ids: tuple[str, ...]
 
 
-class LayerStackReplaced(msgspec.Struct, frozen=True, tag=True):
+class LayerStackReplaced(msgspec.Struct, frozen=True, gc=False, tag=True):
     layers: tuple[LayerRef, ...]
 
 
-class GenomeArchived(msgspec.Struct, frozen=True, tag=True):
+class GenomeArchived(msgspec.Struct, frozen=True, gc=False, tag=True):
     pass
 
 
@@ -95,7 +95,7 @@ GenomeEvent = (
 
 
 # State
-class Genome(msgspec.Struct, frozen=True):
+class Genome(msgspec.Struct, frozen=True, gc=False):
     genome_id: str
     owner: str
     persona_id: str
@@ -109,7 +109,7 @@ class Genome(msgspec.Struct, frozen=True):
 
 
 # Commands
-class LayerFacts(msgspec.Struct, frozen=True):
+class LayerFacts(msgspec.Struct, frozen=True, gc=False):
     """What the genome needs to know of a layer to stack it."""
 
     layer_id: str
@@ -117,7 +117,7 @@ class LayerFacts(msgspec.Struct, frozen=True):
     deprecated: bool
 
 
-class CreateGenome(msgspec.Struct, frozen=True):
+class CreateGenome(msgspec.Struct, frozen=True, gc=False):
     genome_id: str
     owner: str
     persona_id: str
@@ -126,7 +126,7 @@ class CreateGenome(msgspec.Struct, frozen=True):
     description: str = ""
 
 
-class ForkGenome(msgspec.Struct, frozen=True):
+class ForkGenome(msgspec.Struct, frozen=True, gc=False):
     genome_id: str
     owner: str
     persona_id: str
@@ -135,35 +135,35 @@ class ForkGenome(msgspec.Struct, frozen=True):
     description: str = ""
 
 
-class ChangeGenomeDetails(msgspec.Struct, frozen=True):
+class ChangeGenomeDetails(msgspec.Struct, frozen=True, gc=False):
     name: str | None = None
     description: str | None = None
 
 
-class AttachLayer(msgspec.Struct, frozen=True):
+class AttachLayer(msgspec.Struct, frozen=True, gc=False):
     layer: LayerFacts
     weight: float = 1.0
     position: int | None = None  # None puts the layer on top
 
 
-class DetachLayer(msgspec.Struct, frozen=True):
+class DetachLayer(msgspec.Struct, frozen=True, gc=False):
     layer_id: str
 
 
-class ReweightLayer(msgspec.Struct, frozen=True):
+class ReweightLayer(msgspec.Struct, frozen=True, gc=False):
     layer_id: str
     weight: float
 
 
-class ReorderLayers(msgspec.Struct, frozen=True):
+class ReorderLayers(msgspec.Struct, frozen=True, gc=False):
     layer_ids: tuple[str, ...]
 
 
-class ReplaceLayerStack(msgspec.Struct, frozen=True):
+class ReplaceLayerStack(msgspec.Struct, frozen=True, gc=False):
     layers: tuple[tuple[LayerFacts, float], ...]
 
 
-class ArchiveGenome(msgspec.Struct, frozen=True):
+class ArchiveGenome(msgspec.Struct, frozen=True, gc=False):
     pass
 
 

@@ -33,7 +33,7 @@ class TraitType(enum.StrEnum):
     MEMORY_INTEGRATION = "memory_integration"
 
 
-class TrainingMetrics(msgspec.Struct, frozen=True, omit_defaults=True):
+class TrainingMetrics(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     loss: float | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -41,7 +41,7 @@ class TrainingMetrics(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 # Events
-class LayerRegistered(msgspec.Struct, frozen=True, tag=True):
+class LayerRegistered(msgspec.Struct, frozen=True, gc=False, tag=True):
     layer_id: str
     owner: str
     name: str
@@ -60,18 +60,18 @@ class LayerRegistered(msgspec.Struct, frozen=True, tag=True):
     training_metrics: TrainingMetrics | None = None
 
 
-class LayerDetailsChanged(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+class LayerDetailsChanged(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
     description: str | None = None
     tags: tuple[str, ...] | None = None
     public: bool | None = None
     license: str | None = None
 
 
-class TrainingMetricsRecorded(msgspec.Struct, frozen=True, tag=True):
+class TrainingMetricsRecorded(msgspec.Struct, frozen=True, gc=False, tag=True):
     metrics: TrainingMetrics
 
 
-class LayerDeprecated(msgspec.Struct, frozen=True, tag=True):
+class LayerDeprecated(msgspec.Struct, frozen=True, gc=False, tag=True):
     reason: str = ""
 
 
@@ -79,7 +79,7 @@ LayerEvent = LayerRegistered | LayerDetailsChanged | TrainingMetricsRecorded | L
 
 
 # State
-class Layer(msgspec.Struct, frozen=True):
+class Layer(msgspec.Struct, frozen=True, gc=False):
     layer_id: str
     owner: str
     name: str
@@ -101,7 +101,7 @@ class Layer(msgspec.Struct, frozen=True):
 
 
 # Commands
-class RegisterLayer(msgspec.Struct, frozen=True):
+class RegisterLayer(msgspec.Struct, frozen=True, gc=False):
     layer_id: str
     owner: str
     name: str
@@ -120,18 +120,18 @@ class RegisterLayer(msgspec.Struct, frozen=True):
     training_metrics: TrainingMetrics | None = None
 
 
-class ChangeLayerDetails(msgspec.Struct, frozen=True):
+class ChangeLayerDetails(msgspec.Struct, frozen=True, gc=False):
     description: str | None = None
     tags: tuple[str, ...] | None = None
     public: bool | None = None
     license: str | None = None
 
 
-class RecordTrainingMetrics(msgspec.Struct, frozen=True):
+class RecordTrainingMetrics(msgspec.Struct, frozen=True, gc=False):
     metrics: TrainingMetrics
 
 
-class DeprecateLayer(msgspec.Struct, frozen=True):
+class DeprecateLayer(msgspec.Struct, frozen=True, gc=False):
     reason: str = ""
 
 

@@ -19,7 +19,7 @@ MAX_SYSTEM_PROMPT = 20_000
 
 
 # Events
-class PersonaCreated(msgspec.Struct, frozen=True, tag=True):
+class PersonaCreated(msgspec.Struct, frozen=True, gc=False, tag=True):
     persona_id: str
     owner: str
     name: str
@@ -27,17 +27,17 @@ class PersonaCreated(msgspec.Struct, frozen=True, tag=True):
     system_prompt: str = ""
 
 
-class PersonaProfileChanged(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+class PersonaProfileChanged(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
     name: str | None = None
     description: str | None = None
     system_prompt: str | None = None
 
 
-class GenomeAssigned(msgspec.Struct, frozen=True, tag=True):
+class GenomeAssigned(msgspec.Struct, frozen=True, gc=False, tag=True):
     genome_id: str
 
 
-class PersonaArchived(msgspec.Struct, frozen=True, tag=True):
+class PersonaArchived(msgspec.Struct, frozen=True, gc=False, tag=True):
     pass
 
 
@@ -45,7 +45,7 @@ PersonaEvent = PersonaCreated | PersonaProfileChanged | GenomeAssigned | Persona
 
 
 # State
-class Persona(msgspec.Struct, frozen=True):
+class Persona(msgspec.Struct, frozen=True, gc=False):
     persona_id: str
     owner: str
     name: str
@@ -56,7 +56,7 @@ class Persona(msgspec.Struct, frozen=True):
 
 
 # Commands
-class CreatePersona(msgspec.Struct, frozen=True):
+class CreatePersona(msgspec.Struct, frozen=True, gc=False):
     persona_id: str
     owner: str
     name: str
@@ -64,13 +64,13 @@ class CreatePersona(msgspec.Struct, frozen=True):
     system_prompt: str = ""
 
 
-class ChangePersonaProfile(msgspec.Struct, frozen=True):
+class ChangePersonaProfile(msgspec.Struct, frozen=True, gc=False):
     name: str | None = None
     description: str | None = None
     system_prompt: str | None = None
 
 
-class GenomeFacts(msgspec.Struct, frozen=True):
+class GenomeFacts(msgspec.Struct, frozen=True, gc=False):
     """What the persona needs to know of a genome to accept it."""
 
     genome_id: str
@@ -78,11 +78,11 @@ class GenomeFacts(msgspec.Struct, frozen=True):
     archived: bool
 
 
-class AssignGenome(msgspec.Struct, frozen=True):
+class AssignGenome(msgspec.Struct, frozen=True, gc=False):
     genome: GenomeFacts
 
 
-class ArchivePersona(msgspec.Struct, frozen=True):
+class ArchivePersona(msgspec.Struct, frozen=True, gc=False):
     pass
 
 

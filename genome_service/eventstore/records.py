@@ -23,7 +23,7 @@ class Expect(enum.Enum):
 ExpectedVersion = int | Expect
 
 
-class EventMetadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+class EventMetadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     actor: str | None = None
     correlation_id: str | None = None
     causation_id: str | None = None
@@ -33,7 +33,9 @@ class EventMetadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tru
 NO_METADATA = EventMetadata()
 
 
-class RecordedEvent(msgspec.Struct, frozen=True):
+# gc=False: these hold no reference cycles, and a rebuild makes millions of them;
+# untracked, they cost the cyclic garbage collector nothing.
+class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
     position: int
     stream_id: str
     stream_type: str

@@ -24,7 +24,7 @@ from genome_service.eventstore.store import EventStore
 S = TypeVar("S")
 
 
-class Aggregate(msgspec.Struct, Generic[S], frozen=True):
+class Aggregate(msgspec.Struct, Generic[S], frozen=True, gc=False):
     """A stream's folded state, with the version and times of its first and last event."""
 
     stream_id: str

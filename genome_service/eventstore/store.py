@@ -32,7 +32,8 @@ from genome_service.eventstore.records import (
     RecordedEvent,
 )
 
-# PostgreSQL NOTIFY channel on which each append announces its last position.
+# PostgreSQL NOTIFY channel: a trigger on events notifies it per INSERT statement,
+# delivered at commit, so a listener never hears of an uncommitted event.
 NOTIFY_CHANNEL = "genome_events"
 _COLUMNS = "position, stream_id, stream_type, version, type, schema_version, data, metadata, recorded_at"
 _metadata_encoder = msgspec.json.Encoder()
@@ -47,6 +48,12 @@ class EventStore:
         self._insert = sql(f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
         self._stream_head = sql(
             "SELECT version, stream_type FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1"
+        )
+        # The stream's head and the log's last position in one round trip.
+        self._append_state = sql(
+            "SELECT head.version, head.stream_type, (SELECT max(position) FROM events) FROM (SELECT 1) AS one "
+            "LEFT JOIN (SELECT version, stream_type FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1) "
+            "AS head ON 1 = 1"
         )
         self._last_position = "SELECT max(position) FROM events"
         self._find_key = sql("SELECT stream_id, first_position, last_position FROM idempotency_keys WHERE key = ?")
@@ -98,15 +105,13 @@ class EventStore:
                 prior = self._replay(connection, cursor, key, stream_id)
                 if prior is not None:
                     return prior
-            cursor.execute(self._stream_head, (stream_id,))
-            head = cursor.fetchone()
-            actual = head[0] if head else 0
-            if head and head[1] != stream_type:
-                raise StreamTypeMismatch(stream_id, stream_type, head[1])
+            cursor.execute(self._append_state, (stream_id,))
+            head_version, head_type, last_position = cursor.fetchone()
+            actual, last_position = head_version or 0, last_position or 0
+            if head_type is not None and head_type != stream_type:
+                raise StreamTypeMismatch(stream_id, stream_type, head_type)
             if not _matches(expected, actual):
                 raise ConcurrencyConflict(stream_id, expected, actual)
-            cursor.execute(self._last_position)
-            last_position = cursor.fetchone()[0] or 0
             recorded_at = datetime.now(UTC)
             db_time = self.database.to_db_time(recorded_at)
             meta_json = _metadata_encoder.encode(metadata).decode()
@@ -128,9 +133,6 @@ class EventStore:
             cursor.executemany(self._insert, rows)
             if key is not None:
                 cursor.execute(self._insert_key, (key, stream_id, recorded[0].position, recorded[-1].position))
-            if self.database.dialect == "postgresql":
-                # Delivered at commit, so a listener never hears of an uncommitted event.
-                cursor.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(recorded[-1].position)))
         finally:
             cursor.close()
         return AppendResult(stream_id, tuple(recorded))

@@ -8,11 +8,11 @@ as SQL).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC
 from typing import Any
 
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from genome_service.domain.academy import ACADEMY_SESSION
@@ -51,36 +51,87 @@ class ReadModel(msgspec.Struct, frozen=True):
     def tables(self) -> tuple[sa.Table, ...]:
         return (self.table,) if self.children is None else (self.table, self.children.table)
 
-    def write(self, connection: Connection, aggregates: Sequence[Aggregate[Any]]) -> None:
+    def write(self, connection: Connection, aggregates: Sequence[Aggregate[Any]], *, fresh: bool = False) -> None:
+        """Upsert the aggregates' rows; ``fresh`` means the tables were just cleared (a rebuild)."""
         rows = [self.to_row(a.state) | _stamps(a) for a in aggregates if a.state is not None]
         if not rows:
             return
-        connection.execute(_upsert(connection, self.table, self.key), rows)
-        if self.children is not None:
-            child = self.children
-            ids = [row[self.key] for row in rows]
-            connection.execute(sa.delete(child.table).where(child.table.c[child.parent_key].in_(ids)))
-            child_rows = [r for a in aggregates if a.state is not None for r in child.rows(a)]
-            if child_rows:
-                connection.execute(sa.insert(child.table), child_rows)
+        db = RowWriter(connection)
+        db.upsert(self.table, self.key, rows)
+        if self.children is None:
+            return
+        child = self.children
+        if not fresh:
+            db.delete_where_in(child.table, child.parent_key, [row[self.key] for row in rows])
+        db.insert(child.table, [r for a in aggregates if a.state is not None for r in child.rows(a)])
 
     def clear(self, connection: Connection) -> None:
         for table in self.tables:
             connection.execute(sa.delete(table))
 
 
+class RowWriter:
+    """Bulk row writes on the driver: SQLAlchemy's per-row parameter processing costs
+    more than the database does here, and a rebuild writes every row of every read model."""
+
+    # Well under SQLite's and PostgreSQL's limits on parameters in one statement.
+    CHUNK = 500
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.sqlite = connection.dialect.name == "sqlite"
+        self.mark = "?" if self.sqlite else "%s"
+
+    def upsert(self, table: sa.Table, key: str, rows: list[Row]) -> None:
+        names = [c.name for c in table.columns]
+        # created_at is the stream's first event: an update never moves it.
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in (key, "created_at"))
+        self._executemany(table, rows, f" ON CONFLICT ({key}) DO UPDATE SET {updates}")
+
+    def insert(self, table: sa.Table, rows: list[Row]) -> None:
+        if rows:
+            self._executemany(table, rows, "")
+
+    def delete_where_in(self, table: sa.Table, column: str, values: list[Any]) -> None:
+        cursor = self.connection.connection.cursor()
+        try:
+            for start in range(0, len(values), self.CHUNK):
+                chunk = values[start : start + self.CHUNK]
+                cursor.execute(f"DELETE FROM {table.name} WHERE {column} IN ({', '.join([self.mark] * len(chunk))})", chunk)
+        finally:
+            cursor.close()
+
+    def _executemany(self, table: sa.Table, rows: list[Row], suffix: str) -> None:
+        columns = list(table.columns)
+        names = ", ".join(c.name for c in columns)
+        statement = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join([self.mark] * len(columns))}){suffix}"
+        encoders = [self._encoder(c.type) for c in columns]
+        keys = [c.name for c in columns]
+        values = [tuple(encode(row[k]) for encode, k in zip(encoders, keys, strict=True)) for row in rows]
+        cursor = self.connection.connection.cursor()
+        try:
+            cursor.executemany(statement, values)
+        finally:
+            cursor.close()
+
+    def _encoder(self, column_type: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
+        if isinstance(column_type, sa.JSON):
+            return lambda value: None if value is None else _json.encode(value).decode()
+        if isinstance(column_type, sa.DateTime) and self.sqlite:
+            # SQLAlchemy's SQLite DateTime text format, in UTC, so ORM reads parse it.
+            return lambda value: value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return _same
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_json = msgspec.json.Encoder()
+
+
 def _stamps(aggregate: Aggregate[Any]) -> Row:
     return {"version": aggregate.version, "created_at": aggregate.created_at, "updated_at": aggregate.updated_at}
-
-
-def _upsert(connection: Connection, table: sa.Table, key: str) -> sa.Insert:
-    insert = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert(table)
-    # created_at is the stream's first event: an update never moves it.
-    keep = {key, "created_at"}
-    return insert.on_conflict_do_update(
-        index_elements=[key],
-        set_={c.name: insert.excluded[c.name] for c in table.columns if c.name not in keep},
-    )
 
 
 def _fields(state: msgspec.Struct, *exclude: str) -> Row:
