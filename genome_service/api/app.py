@@ -17,7 +17,12 @@ from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
 from genome_service.api.layers import layer_controller
-from genome_service.api.metrics import MetricsController, prometheus, register, unregister
+from genome_service.api.metrics import (
+    MetricsController,
+    prometheus,
+    register,
+    unregister,
+)
 from genome_service.api.personas import PersonaController
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from litestar import Request, Response
@@ -17,13 +18,17 @@ from litestar.status_codes import (
     HTTP_410_GONE,
     HTTP_412_PRECONDITION_FAILED,
     HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
 )
+from sqlalchemy.exc import OperationalError
 
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
 from inference.lora.adapter import AdapterRejected
 from inference.models import UnknownModel
 
+log = logging.getLogger("genome_service.api")
 PROBLEM_BASE = "https://genome-service.dev/problems/"
 
 # Rules that mean "the resource is in a state that forbids this", not "your input is wrong".
@@ -67,7 +72,7 @@ def _conflict(request: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Resp
 
 def _http(exc: HTTPException) -> ProblemDetailsException:
     rule = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-            413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}.get(exc.status_code, "error")
+            413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable"}.get(exc.status_code, "error")
     extra = exc.extra if isinstance(exc.extra, dict) else {"errors": exc.extra} if exc.extra else {}
     headers = dict(exc.headers or {})
     if exc.status_code == 429 and "RateLimit-Reset" in headers:
@@ -94,4 +99,14 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
     )
 
 
-EXCEPTION_HANDLERS = {ConcurrencyConflict: _conflict}
+def _database_down(request: Request[Any, Any, Any], exc: OperationalError) -> Response[Any]:
+    log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+    return problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "the service failed; the error is logged").to_response(request)
+
+
+EXCEPTION_HANDLERS = {ConcurrencyConflict: _conflict, OperationalError: _database_down, Exception: _unexpected}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Controller, Response, get
+from litestar.exceptions import ServiceUnavailableException
 from litestar.status_codes import HTTP_200_OK
+from sqlalchemy.exc import SQLAlchemyError
 
 from genome_service.services.bootstrap import Services
 
@@ -30,11 +32,13 @@ class HealthController(Controller):
 
     @get("/ready", operation_id="ready", sync_to_thread=True)
     def ready(self, services: Services) -> Response[Readiness]:
-        """The database answers; reports how far the read models trail the log."""
-        with services.database.read() as connection:
-            last = services.store.last_position(connection)
-            checkpoint = services.projector.checkpoint(connection)
-        readiness = Readiness("ready", last, checkpoint, last - checkpoint)
-        return Response(readiness, status_code=HTTP_200_OK)
+        """The database answers; reports how far the read models trail the log (503 when it does not answer)."""
+        try:
+            with services.database.read() as connection:
+                last = services.store.last_position(connection)
+                checkpoint = services.projector.checkpoint(connection)
+        except SQLAlchemyError as error:
+            raise ServiceUnavailableException(f"the database does not answer: {type(error).__name__}") from error
+        return Response(Readiness("ready", last, checkpoint, last - checkpoint), status_code=HTTP_200_OK)
 
 
