@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -61,7 +63,9 @@ class Context:
         self.settings = settings
         self.quiet = quiet
 
-    def services(self) -> Services:
+    @contextmanager
+    def services(self) -> Iterator[Services]:
+        """The wired service on a migrated database, closed afterwards."""
         from genome_service.eventstore.migrations import current_revision, head_revision
         from genome_service.services.bootstrap import build
 
@@ -70,7 +74,11 @@ class Context:
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if current_revision(url) != head_revision():
             raise UserError(f"the database at {_safe(url)} is not migrated: run `genome-service db upgrade` first")
-        return build(self.settings)
+        services = build(self.settings)
+        try:
+            yield services
+        finally:
+            services.close()
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -104,8 +112,7 @@ def serve(
     )
     context.settings = settings
     # Fail fast, before forking workers, if the database is not ready or the bind is unsafe.
-    services = context.services()
-    try:
+    with context.services() as services:
         from genome_service.api.auth import is_loopback, open_mode_is_safe
 
         if not open_mode_is_safe(settings.host, services.keys):
@@ -115,8 +122,6 @@ def serve(
             )
         if not services.keys.any_active() and is_loopback(settings.host):
             context.say("no API keys exist: serving open on loopback only, every request acts as owner 'local'")
-    finally:
-        services.close()
     # Workers are separate processes: they read the same settings from the environment.
     os.environ.update({
         "GENOME_DATABASE_URL": settings.resolved_database_url,
@@ -168,79 +173,61 @@ def db_current(ctx: typer.Context) -> None:
 @keys_app.command("create", epilog="Example: genome-service keys create --owner alice")
 def keys_create(ctx: typer.Context, owner: Annotated[str, typer.Option(help="Who the key acts as; owns what it creates.")]) -> None:
     """Issue a key and print it once (only its hash is stored)."""
-    services = ctx.obj.services()
-    try:
+    with ctx.obj.services() as services:
         try:
             issued = services.keys.create(owner)
         except ValueError as error:
             raise UserError(str(error)) from error
         typer.echo(issued.secret)
         ctx.obj.say(f"key {issued.key_id} for {issued.owner}: keep it now, it cannot be shown again")
-    finally:
-        services.close()
 
 
 @keys_app.command("list", epilog="Example: genome-service keys list")
 def keys_list(ctx: typer.Context) -> None:
     """List keys: id, owner, created, revoked."""
-    services = ctx.obj.services()
-    try:
+    with ctx.obj.services() as services:
         for key in services.keys.list():
             revoked = key.revoked_at.isoformat() if key.revoked_at else "active"
             typer.echo(f"{key.key_id}  {key.owner}  {key.created_at.isoformat()}  {revoked}")
-    finally:
-        services.close()
 
 
 @keys_app.command("revoke", epilog="Example: genome-service keys revoke 3f9a0c1b2d4e")
 def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key's id, as `keys list` shows it.")]) -> None:
     """Revoke a key at once; requests with it get 401."""
-    services = ctx.obj.services()
-    try:
+    with ctx.obj.services() as services:
         if not services.keys.revoke(key_id):
             raise UserError(f"no active key with id {key_id!r}")
         ctx.obj.say(f"key {key_id} revoked")
-    finally:
-        services.close()
 
 
 @projections_app.command("status", epilog="Example: genome-service projections status")
 def projections_status(ctx: typer.Context) -> None:
     """Print the log's last position, the read models' checkpoint and the lag."""
-    services = ctx.obj.services()
-    try:
+    with ctx.obj.services() as services:
         with services.database.read() as connection:
             last = services.store.last_position(connection)
             checkpoint = services.projector.checkpoint(connection)
         typer.echo(f"last position: {last}  checkpoint: {checkpoint}  lag: {last - checkpoint}")
-    finally:
-        services.close()
 
 
 @projections_app.command("catch-up", epilog="Example: genome-service projections catch-up")
 def projections_catch_up(ctx: typer.Context) -> None:
     """Apply the events past the read models' checkpoint."""
     context: Context = ctx.obj
-    services = context.services()
-    try:
+    with context.services() as services:
         with _progress(context, "catching up") as advance:
             applied = services.projector.catch_up(advance)
         context.say(f"applied {applied} events")
-    finally:
-        services.close()
 
 
 @projections_app.command("rebuild", epilog="Example: genome-service projections rebuild")
 def projections_rebuild(ctx: typer.Context) -> None:
     """Recreate every read model from the first event (one transaction; readers see the old rows until it commits)."""
     context: Context = ctx.obj
-    services = context.services()
-    try:
+    with context.services() as services:
         with _progress(context, "rebuilding") as advance:
             position = services.projector.rebuild(advance)
         context.say(f"read models rebuilt from {position} events")
-    finally:
-        services.close()
 
 
 @events_app.command("tail", epilog="Example: genome-service events tail --limit 50 --follow")
@@ -256,20 +243,18 @@ def events_tail(
 
     from genome_service.eventstore.subscription import CatchUpSubscription
 
-    services = ctx.obj.services()
     encoder = msgspec.json.Encoder()
-    start = after if after is not None else max(0, services.store.last_position() - limit)
-    subscription = CatchUpSubscription(services.store, after_position=start)
-    try:
-        for batch in subscription.batches(follow=follow):
-            for event in batch:
-                if stream is None or event.stream_id == stream:
-                    sys.stdout.write(encoder.encode(event).decode() + "\n")
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        services.close()
+    with ctx.obj.services() as services:
+        start = after if after is not None else max(0, services.store.last_position() - limit)
+        subscription = CatchUpSubscription(services.store, after_position=start)
+        try:
+            for batch in subscription.batches(follow=follow):
+                for event in batch:
+                    if stream is None or event.stream_id == stream:
+                        sys.stdout.write(encoder.encode(event).decode() + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
 
 
 def _progress(context: Context, label: str):  # type: ignore[no-untyped-def]

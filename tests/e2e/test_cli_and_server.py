@@ -61,3 +61,19 @@ def test_the_server_answers_health_ready_and_its_openapi_schema(server) -> None:
     ready = httpx.get(f"{server}/ready").json()
     assert ready == {"status": "ready", "last_position": 0, "projection_checkpoint": 0, "projection_lag": 0}
     assert httpx.get(f"{server}/schema/openapi.json").json()["info"]["title"] == "Genome Service"
+
+
+def test_events_tail_prints_the_log_as_json_lines_and_projections_status_shows_no_lag(server) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    with server.client() as client:
+        persona = client.post("/personas", json={"name": "Ada"}).json()
+        client.patch(f"/personas/{persona['id']}", json={"description": "a tail"})
+    lines = [json.loads(line) for line in server.cli("events", "tail").stdout.splitlines()]
+    assert [(e["position"], e["type"], e["stream_id"]) for e in lines] == [
+        (1, "PersonaCreated", persona["id"]), (2, "PersonaProfileChanged", persona["id"]),
+    ]
+    assert lines[1]["event"]["description"] == "a tail" and lines[0]["metadata"]["actor"] == "local"
+    only_after = server.cli("events", "tail", "--after", "1").stdout.splitlines()
+    assert len(only_after) == 1
+    assert "lag: 0" in server.cli("projections", "status").stdout
