@@ -200,9 +200,9 @@ class GenomeController(Controller):
             where.append(TABLE.c.base_model == base_model)
         if layer_id is not None:
             where.append(TABLE.c.genome_id.in_(sa.select(REFS.c.genome_id).where(REFS.c.layer_id == layer_id)))
-        listed = page(services, TABLE, "genome_id", where, cursor, limit, dict)
-        stacks = _stacks(services, [row["genome_id"] for row in listed.items])
-        return Page([_from_row(row, stacks[row["genome_id"]]) for row in listed.items], listed.next_cursor)
+        rows, next_cursor = page(services, TABLE, "genome_id", where, cursor, limit)
+        stacks = _stacks(services, [row["genome_id"] for row in rows])
+        return Page([_from_row(row, stacks[row["genome_id"]]) for row in rows], next_cursor)
 
     @patch("/{genome_id:str}", operation_id="updateGenome", sync_to_thread=True)
     def update(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: GenomeUpdate) -> Response[Genome]:

@@ -184,8 +184,8 @@ class LayerController(Controller):
                 where.append(TABLE.c[column] == value)
         if tag is not None:
             where.append(_tag_filter(services, tag.strip().lower()))
-        listed = page(services, TABLE, "layer_id", where, cursor, limit, dict)
-        return Page([_from_row(row) for row in listed.items], listed.next_cursor)
+        rows, next_cursor = page(services, TABLE, "layer_id", where, cursor, limit)
+        return Page([_from_row(row) for row in rows], next_cursor)
 
     @get("/{layer_id:str}/adapter", operation_id="downloadAdapter", sync_to_thread=True)
     def download(

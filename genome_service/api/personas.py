@@ -106,8 +106,8 @@ class PersonaController(Controller):
     ) -> Page:
         """The caller's personas, oldest first, a page at a time."""
         where = [TABLE.c.owner == caller_of(request).owner, TABLE.c.archived == archived]
-        listed = page(services, TABLE, "persona_id", where, cursor, limit, dict)
-        return Page([_from_row(row) for row in listed.items], listed.next_cursor)
+        rows, next_cursor = page(services, TABLE, "persona_id", where, cursor, limit)
+        return Page([_from_row(row) for row in rows], next_cursor)
 
     @patch("/{persona_id:str}", operation_id="updatePersona", sync_to_thread=True)
     def update(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: PersonaUpdate) -> Response[Persona]:

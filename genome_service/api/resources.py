@@ -11,7 +11,7 @@ from litestar import Request, Response
 from litestar.status_codes import HTTP_200_OK
 
 from genome_service.api.auth import Caller
-from genome_service.api.conventions import Cursor, Page, etag
+from genome_service.api.conventions import Cursor, etag
 from genome_service.api.errors import Gone, NotFound
 from genome_service.eventstore.records import RecordedEvent
 from genome_service.projections.queries import get_row, list_rows, utc
@@ -57,9 +57,9 @@ def visible_row(
 
 
 def page(
-    services: Services, table: sa.Table, key: str, where: list[sa.ColumnElement[bool]],
-    cursor: str | None, limit: int, convert: type[T],
-) -> Page:
+    services: Services, table: sa.Table, key: str, where: list[sa.ColumnElement[bool]], cursor: str | None, limit: int,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of rows in (created_at, id) order, and the cursor of the next page if there is one."""
     after = None
     if cursor is not None:
         decoded = Cursor.decode(cursor)
@@ -68,12 +68,7 @@ def page(
         rows, more = list_rows(connection, table, key, where, after=after, limit=limit)
     for row in rows:
         row["created_at"], row["updated_at"] = utc(row["created_at"]), utc(row["updated_at"])
-    next_cursor = Cursor(rows[-1]["created_at"], rows[-1][key]).encode() if more else None
-    return Page([convert_row(row, convert) for row in rows], next_cursor)
-
-
-def convert_row(row: dict[str, Any], convert: type[T]) -> T:
-    return msgspec.convert(row, convert, from_attributes=False, str_keys=True)
+    return rows, Cursor(rows[-1]["created_at"], rows[-1][key]).encode() if more else None
 
 
 def caller_of(request: Request[Any, Any, Any]) -> Caller:
