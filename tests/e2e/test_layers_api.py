@@ -153,3 +153,40 @@ def test_too_many_requests_get_429_with_retry_after(start_server) -> None:  # ty
     assert statuses[:5] == [200] * 5 and statuses[5] == 429
     assert limited.status_code == 429 and limited.headers["content-type"] == PROBLEM
     assert int(limited.headers["retry-after"]) > 0
+
+
+def test_an_idempotent_attach_retry_answers_as_the_first_time_and_appends_nothing(server: Server) -> None:
+    with server.client() as client:
+        layers = [upload(client, make_adapter_files("peft", seed=n), name=f"l{n}").json()["id"] for n in range(2)]
+        genome = create_genome(client, create_persona(client)["id"])
+        path = f"/genomes/{genome['id']}/layers"
+        first = client.post(path, json={"layer_id": layers[0], "weight": 0.4}, headers={"Idempotency-Key": "attach-1"})
+        client.post(path, json={"layer_id": layers[1]})
+        retry = client.post(path, json={"layer_id": layers[0], "weight": 0.4}, headers={"Idempotency-Key": "attach-1"})
+        assert retry.status_code == 200 and retry.json() == first.json()
+        assert retry.headers["etag"] == first.headers["etag"] == '"2"'
+        assert [e["type"] for e in client.get(f"/genomes/{genome['id']}/events").json()] == [
+            "GenomeCreated", "LayerAttached", "LayerAttached",
+        ]
+
+
+def test_concurrent_writers_each_land_once_and_stale_if_match_writers_get_412(server: Server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with server.client() as client:
+        layers = [upload(client, make_adapter_files("peft", seed=n), name=f"l{n}").json()["id"] for n in range(8)]
+        genome = create_genome(client, create_persona(client)["id"])
+    path = f"{server.url}/genomes/{genome['id']}/layers"
+
+    def attach(layer_id: str, if_match: str | None) -> int:
+        headers = {"If-Match": if_match} if if_match else {}
+        return httpx.post(path, json={"layer_id": layer_id, "weight": 0.5}, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        free = list(pool.map(lambda layer: attach(layer, None), layers[:4]))
+        pinned = list(pool.map(lambda layer: attach(layer, '"5"'), layers[4:]))
+    assert free == [200] * 4
+    assert sorted(pinned) == [200, 412, 412, 412]
+    with server.client() as client:
+        stack = client.get(f"/genomes/{genome['id']}").json()["layers"]
+    assert len(stack) == 5 and len({s["layer_id"] for s in stack}) == 5
