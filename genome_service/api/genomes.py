@@ -28,6 +28,7 @@ from genome_service.domain import genome as domain
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
 from genome_service.eventstore.repository import Aggregate
+from genome_service.projections.queries import child_rows
 from genome_service.projections.tables import GenomeLayerRefRow, GenomeRow
 from genome_service.services.bootstrap import Services
 from genome_service.services.creation import create_stream
@@ -114,11 +115,8 @@ def _stacks(services: Services, genome_ids: list[str]) -> dict[str, list[Stacked
     if not genome_ids:
         return stacks
     with services.database.read() as connection:
-        rows = connection.execute(
-            sa.select(REFS).where(REFS.c.genome_id.in_(genome_ids)).order_by(REFS.c.genome_id, REFS.c.position)
-        )
-        for row in rows:
-            stacks[row.genome_id].append(StackedLayer(row.layer_id, row.weight, row.position))
+        for row in child_rows(connection, REFS, "genome_id", genome_ids, "position"):
+            stacks[row["genome_id"]].append(StackedLayer(row["layer_id"], row["weight"], row["position"]))
     return stacks
 
 

@@ -52,7 +52,6 @@ def visible_row(
         raise NotFound(kind, resource_id)
     if archived_column and row[archived_column]:
         raise Gone(kind, resource_id)
-    row["created_at"], row["updated_at"] = utc(row["created_at"]), utc(row["updated_at"])
     return row
 
 

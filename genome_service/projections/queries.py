@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -18,8 +20,75 @@ def utc(moment: datetime) -> datetime:
 
 
 def get_row(connection: Connection, table: sa.Table, key: str, value: str) -> Row | None:
-    row = connection.execute(sa.select(table).where(table.c[key] == value)).mappings().first()
-    return dict(row) if row is not None else None
+    """One row by its key, read on the driver: the hot path of every GET by id."""
+    reader = _reader(table, key, connection.dialect.name)
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(reader.statement, (value,))
+        raw = cursor.fetchone()
+    finally:
+        cursor.close()
+    if raw is None:
+        return None
+    return {name: decode(v) for name, decode, v in zip(reader.names, reader.decoders, raw, strict=True)}
+
+
+def child_rows(connection: Connection, table: sa.Table, parent_key: str, parent_ids: Sequence[str], order_by: str) -> list[Row]:
+    """Rows owned by some parents (a genome's stack), on the driver, in parent then ``order_by`` order."""
+    if not parent_ids:
+        return []
+    mark = "?" if connection.dialect.name == "sqlite" else "%s"
+    names = [c.name for c in table.columns]
+    statement = (
+        f"SELECT {', '.join(names)} FROM {table.name} WHERE {parent_key} IN ({', '.join([mark] * len(parent_ids))}) "
+        f"ORDER BY {parent_key}, {order_by}"
+    )
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(statement, tuple(parent_ids))
+        return [dict(zip(names, raw, strict=True)) for raw in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+class _Reader:
+    def __init__(self, table: sa.Table, key: str, dialect: str) -> None:
+        self.names = [c.name for c in table.columns]
+        mark = "?" if dialect == "sqlite" else "%s"
+        self.statement = f"SELECT {', '.join(self.names)} FROM {table.name} WHERE {key} = {mark}"
+        self.decoders = [_decoder(c.type, dialect) for c in table.columns]
+
+
+@cache
+def _reader(table: sa.Table, key: str, dialect: str) -> _Reader:
+    return _Reader(table, key, dialect)
+
+
+def _decoder(column_type: sa.types.TypeEngine[Any], dialect: str) -> Callable[[Any], Any]:
+    if isinstance(column_type, sa.JSON):
+        # psycopg already parses json columns; SQLite hands back the text.
+        return _json_text if dialect == "sqlite" else _same
+    if isinstance(column_type, sa.DateTime):
+        return _sqlite_time if dialect == "sqlite" else utc
+    if isinstance(column_type, sa.Boolean):
+        return _bool_or_none
+    return _same
+
+
+def _json_text(value: Any) -> Any:
+    return None if value is None else msgspec.json.decode(value)
+
+
+def _sqlite_time(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _bool_or_none(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def list_rows(

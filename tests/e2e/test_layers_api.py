@@ -190,3 +190,22 @@ def test_concurrent_writers_each_land_once_and_stale_if_match_writers_get_412(se
     with server.client() as client:
         stack = client.get(f"/genomes/{genome['id']}").json()["layers"]
     assert len(stack) == 5 and len({s["layer_id"] for s in stack}) == 5
+
+
+@pytest.mark.postgres
+def test_the_whole_api_runs_on_postgresql(start_server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
+    server: Server = start_server(database_url=postgres_url)
+    with server.client() as client:
+        persona = create_persona(client)
+        genome = create_genome(client, persona["id"])
+        layer = upload(client, make_adapter_files("mlx"), public=True, tags=["Tone"]).json()
+        attached = client.post(f"/genomes/{genome['id']}/layers", json={"layer_id": layer["id"], "weight": 0.7}).json()
+        fetched = client.get(f"/genomes/{genome['id']}")
+        assert fetched.json() == attached and fetched.headers["etag"] == '"2"'
+        assert client.get(f"/layers/{layer['id']}").json() == layer
+        assert client.get(f"/personas/{persona['id']}").json()["created_at"] == persona["created_at"]
+        assert [g["id"] for g in client.get("/genomes", params={"layer_id": layer["id"]}).json()["items"]] == [genome["id"]]
+        assert [x["id"] for x in client.get("/layers", params={"tag": "tone"}).json()["items"]] == [layer["id"]]
+        assert client.get(f"/genomes/{genome['id']}", params={"version": 1}).json()["layers"] == []
+        assert client.delete(f"/genomes/{genome['id']}").status_code == 204
+        assert client.get(f"/genomes/{genome['id']}").status_code == 410
