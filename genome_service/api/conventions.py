@@ -31,7 +31,8 @@ def expected_version(request: Request[Any, Any, Any]) -> int | None:
 
 
 def command_metadata(request: Request[Any, Any, Any], owner: str) -> EventMetadata:
-    """Who asked, and the Idempotency-Key namespaced by owner so keys never collide across owners."""
+    """Who asked, and the Idempotency-Key namespaced by owner and operation: a key never
+    replays another owner's request, nor a different kind of request."""
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ClientException(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
@@ -39,7 +40,7 @@ def command_metadata(request: Request[Any, Any, Any], owner: str) -> EventMetada
     return EventMetadata(
         actor=owner,
         correlation_id=correlation[:200] if correlation else None,
-        idempotency_key=f"{owner}:{key}" if key is not None else None,
+        idempotency_key=f"{owner}:{request.route_handler.operation_id}:{key}" if key is not None else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.plugins.problem_details import (
@@ -13,6 +14,7 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_410_GONE,
@@ -21,7 +23,7 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
@@ -104,9 +106,26 @@ def _database_down(request: Request[Any, Any, Any], exc: OperationalError) -> Re
     return problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
 
 
+def _bad_text(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # Non-UTF-8 bytes in a multipart text part, or a NUL character PostgreSQL cannot store.
+    detail = (
+        "a multipart part without a filename must be UTF-8 text; send adapter files with a filename"
+        if isinstance(exc, UnicodeDecodeError)
+        else "text values cannot contain NUL characters or invalid byte sequences"
+    )
+    return problem(HTTP_400_BAD_REQUEST, "invalid_text", detail).to_response(request)
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "the service failed; the error is logged").to_response(request)
 
 
-EXCEPTION_HANDLERS = {ConcurrencyConflict: _conflict, OperationalError: _database_down, Exception: _unexpected}
+EXCEPTION_HANDLERS = {
+    ConcurrencyConflict: _conflict,
+    OperationalError: _database_down,
+    DataError: _bad_text,
+    psycopg.DataError: _bad_text,
+    UnicodeDecodeError: _bad_text,
+    Exception: _unexpected,
+}

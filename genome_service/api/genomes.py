@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -110,6 +110,19 @@ def _from_row(row: dict[str, Any], layers: list[StackedLayer]) -> Genome:
     )
 
 
+# Stream versions are 32-bit integers in the database.
+MAX_VERSION = 2**31 - 1
+
+
+def _utc_moment(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ClientException("as_of needs a time zone, e.g. 2026-01-01T12:00:00Z")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError as error:
+        raise ClientException(f"as_of {moment.isoformat()} is out of range once converted to UTC") from error
+
+
 def _stacks(services: Services, genome_ids: list[str]) -> dict[str, list[StackedLayer]]:
     stacks: dict[str, list[StackedLayer]] = {genome_id: [] for genome_id in genome_ids}
     if not genome_ids:
@@ -161,7 +174,7 @@ class GenomeController(Controller):
     @get("/{genome_id:str}", operation_id="getGenome", sync_to_thread=True)
     def read(
         self, request: Request[Any, Any, Any], services: Services, genome_id: str,
-        version: Annotated[int | None, Parameter(ge=1, description="Replay the stream up to this version.")] = None,
+        version: Annotated[int | None, Parameter(ge=1, le=MAX_VERSION, description="Replay the stream up to this version.")] = None,
         as_of: Annotated[datetime | None, Parameter(description="Replay the stream as it was at this time (ISO 8601).")] = None,
     ) -> Response[Genome]:
         """One genome now, or as it was at a version or a time; 410 once archived."""
@@ -171,8 +184,8 @@ class GenomeController(Controller):
             genome = _from_row(row, _stacks(services, [genome_id])[genome_id])
             return with_etag(genome, genome.version)
         _visible_genome(services, genome_id, caller)
-        if as_of is not None and as_of.tzinfo is None:
-            raise ClientException("as_of needs a time zone, e.g. 2026-01-01T12:00:00Z")
+        if as_of is not None:
+            as_of = _utc_moment(as_of)
         past = services.repository.load(domain.GENOME, genome_id, to_version=version, as_of=as_of)
         if past.state is None:
             raise NotFound("genome", f"{genome_id} at that time")

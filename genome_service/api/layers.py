@@ -187,16 +187,15 @@ class LayerController(Controller):
         rows, next_cursor = page(services, TABLE, "layer_id", where, cursor, limit)
         return Page([_from_row(row) for row in rows], next_cursor)
 
-    @get("/{layer_id:str}/adapter", operation_id="downloadAdapter", sync_to_thread=True)
+    @get("/{layer_id:str}/adapter", operation_id="downloadAdapter", sync_to_thread=True, media_type="application/octet-stream")
     def download(
         self, request: Request[Any, Any, Any], services: Services, layer_id: str,
         file: Annotated[Literal["weights", "config"], Parameter(description="Which file of the adapter.")] = "weights",
     ) -> Response[bytes]:
-        """The adapter file exactly as uploaded."""
+        """The adapter file exactly as uploaded, as a download (weights or config)."""
         row = _readable(services, layer_id, caller_of(request))
         name, content = adapter_file(services, row["adapter_sha256"], file)
-        media_type = "application/json" if name.endswith(".json") else "application/octet-stream"
-        return Response(content, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return Response(content, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @patch("/{layer_id:str}", operation_id="updateLayer", sync_to_thread=True)
     def update(self, request: Request[Any, Any, Any], services: Services, layer_id: str, data: LayerUpdate) -> Response[Layer]:

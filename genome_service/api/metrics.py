@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from prometheus_client import REGISTRY
+from litestar import Controller, Response, get
+from litestar.plugins.prometheus import PrometheusConfig
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -30,8 +31,14 @@ class EventStoreCollector(Collector):
         yield GaugeMetricFamily("genome_projection_lag_events", "Events the read models have not applied yet.", value=last - checkpoint)
 
 
-class MetricsController(PrometheusController):
+class MetricsController(Controller):
     path = "/metrics"
+    tags = ["ops"]
+
+    @get("/", operation_id="metrics", media_type=CONTENT_TYPE_LATEST, sync_to_thread=True)
+    def metrics(self) -> Response[bytes]:
+        """Prometheus text exposition format."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 def prometheus(services: Services) -> tuple[PrometheusConfig, EventStoreCollector]:

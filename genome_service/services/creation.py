@@ -30,6 +30,8 @@ def create_stream(
     key = metadata.idempotency_key
     for _ in range(2):
         if key is not None and (prior := services.store.find_idempotent(key)) is not None:
+            if prior.events[0].stream_type != decider.stream_type:
+                raise IdempotencyKeyReused(key, f"a new {decider.stream_type}", prior.stream_id)
             aggregate = services.repository.load(decider, prior.stream_id, to_version=prior.events[-1].version)
             return Outcome(aggregate, prior.events, replayed=True)
         stream_id = new_id()
