@@ -12,6 +12,7 @@ from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from genome_service.api import genomes, layers, personas
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
@@ -23,11 +24,17 @@ from genome_service.api.metrics import (
     register,
     unregister,
 )
+from genome_service.api.openapi import document_conventions
 from genome_service.api.personas import PersonaController
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
 
 log = logging.getLogger("genome_service")
+REQUEST_TYPES = (
+    personas.PersonaCreate, personas.PersonaUpdate, personas.GenomeAssignment,
+    genomes.GenomeCreate, genomes.GenomeUpdate, genomes.LayerWeight, genomes.LayerAttachment,
+    genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate,
+)
 
 
 def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
@@ -57,7 +64,7 @@ def create_app(services: Services) -> Litestar:
             identifier_for_request=_rate_limit_identity,
         )
         middleware.insert(1, limit.middleware)
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             HealthController, MetricsController, GenomeController, PersonaController,
             layer_controller(settings.max_adapter_bytes),
@@ -67,12 +74,14 @@ def create_app(services: Services) -> Litestar:
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[catch_up, lambda: register(store_metrics)],
+        on_startup=[lambda: register(store_metrics), catch_up],
         on_shutdown=[lambda: unregister(store_metrics), services.close],
         openapi_config=OpenAPIConfig(
             title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
         ),
     )
+    document_conventions(app.openapi_schema, REQUEST_TYPES)
+    return app
 
 
 def create_app_from_env() -> Litestar:

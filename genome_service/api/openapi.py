@@ -1,0 +1,81 @@
+"""Documents the API's conventions on every operation of the generated OpenAPI schema.
+
+Litestar documents each handler's success and a generic 400; the conventions
+every route shares (problem+json errors, If-Match, Idempotency-Key, ETag, bearer
+keys, refused unknown fields) are added here once instead of on every handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+from litestar.openapi.spec import (
+    Components,
+    OpenAPI,
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Parameter,
+    Reference,
+    Schema,
+    SecurityScheme,
+)
+
+from genome_service.api.auth import PUBLIC_PATHS
+
+_PROBLEM = Reference(ref="#/components/schemas/ProblemDetails")
+_STRING = Schema(type=OpenAPIType.STRING)
+_ETAG = OpenAPIHeader(schema=_STRING, description='The stream version, e.g. "3"; send it back as If-Match.')
+_READ_ERRORS = {400: "Malformed request", 401: "Missing, unknown or revoked API key", 404: "No such resource visible to the caller",
+                410: "Archived", 429: "Rate limited (see Retry-After)", 503: "The database does not answer"}
+_WRITE_ERRORS = _READ_ERRORS | {403: "Only the owner may change it", 409: "The resource's state forbids it",
+                                412: "If-Match names a stale version", 413: "Body too large",
+                                415: "Wrong content type", 422: "A domain rule or the adapter refused it"}
+
+
+def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.Struct]]) -> None:
+    components = schema.components if isinstance(schema.components, Components) else Components()
+    schema.components = components
+    components.schemas = dict(components.schemas or {})
+    components.schemas["ProblemDetails"] = Schema(
+        type=OpenAPIType.OBJECT,
+        description="RFC 9457 problem details; `rule` names the rule or check that failed.",
+        required=["status", "type", "title", "detail", "rule"],
+        properties={"status": Schema(type=OpenAPIType.INTEGER), "type": _STRING, "title": _STRING, "detail": _STRING, "rule": _STRING},
+    )
+    components.security_schemes = {"apiKey": SecurityScheme(type="http", scheme="bearer", description="gsk_... from `genome-service keys create`")}
+    for struct in request_types:
+        if struct.__struct_config__.forbid_unknown_fields and struct.__name__ in components.schemas:
+            component = components.schemas[struct.__name__]
+            if isinstance(component, Schema):
+                component.additional_properties = False
+    for path, item in (schema.paths or {}).items():
+        for method in ("get", "post", "put", "patch", "delete"):
+            operation = getattr(item, method)
+            if operation is None or any(path.startswith(p) for p in PUBLIC_PATHS):
+                continue
+            operation.security = [{"apiKey": []}]
+            errors = _READ_ERRORS if method == "get" else _WRITE_ERRORS
+            responses = dict(operation.responses or {})
+            for status, description in errors.items():
+                responses[str(status)] = OpenAPIResponse(
+                    description=description, content={"application/problem+json": OpenAPIMediaType(schema=_PROBLEM)}
+                )
+            # A single resource, or a write that returns one, carries its version.
+            if path.endswith("}") or method != "get":
+                for status in ("200", "201"):
+                    if isinstance(response := responses.get(status), OpenAPIResponse):
+                        response.headers = {**(response.headers or {}), "ETag": _ETAG}
+            operation.responses = responses
+            parameters = list(operation.parameters or [])
+            if method in ("put", "patch", "delete"):
+                parameters.append(_header("If-Match", 'Apply only if the resource is still at this version (an ETag, e.g. "3"); else 412.'))
+            if method == "post":
+                parameters.append(_header("Idempotency-Key", "A retry with the same key answers with the first response and changes nothing."))
+            operation.parameters = parameters
+
+
+def _header(name: str, description: str) -> Parameter:
+    return Parameter(name=name, param_in="header", required=False, schema=_STRING, description=description)  # type: ignore[arg-type]
