@@ -159,7 +159,7 @@ class GenomeController(Controller):
     path = "/genomes"
     tags = ["genomes"]
 
-    @post("/", operation_id="createGenome", status_code=HTTP_201_CREATED, sync_to_thread=True)
+    @post("/", operation_id="createGenome", status_code=HTTP_201_CREATED, sync_to_thread=False)
     def create(self, request: Request[Any, Any, Any], services: Services, data: GenomeCreate) -> Response[Genome]:
         """Create an empty genome for one of the caller's personas."""
         caller = caller_of(request)
@@ -171,7 +171,7 @@ class GenomeController(Controller):
         genome = _from_aggregate(outcome.aggregate)
         return with_etag(genome, genome.version, HTTP_201_CREATED, {"Location": f"/genomes/{genome.id}"})
 
-    @get("/{genome_id:str}", operation_id="getGenome", sync_to_thread=True)
+    @get("/{genome_id:str}", operation_id="getGenome", sync_to_thread=False)
     def read(
         self, request: Request[Any, Any, Any], services: Services, genome_id: str,
         version: Annotated[int | None, Parameter(ge=1, le=MAX_VERSION, description="Replay the stream up to this version.")] = None,
@@ -193,7 +193,7 @@ class GenomeController(Controller):
             raise NotFound("genome", f"{genome_id} version {version}")
         return with_etag(_from_aggregate(past), past.version)
 
-    @get("/", operation_id="listGenomes", sync_to_thread=True)
+    @get("/", operation_id="listGenomes", sync_to_thread=False)
     def list(
         self, request: Request[Any, Any, Any], services: Services,
         persona_id: str | None = None,
@@ -215,35 +215,35 @@ class GenomeController(Controller):
         stacks = _stacks(services, [row["genome_id"] for row in rows])
         return Page([_from_row(row, stacks[row["genome_id"]]) for row in rows], next_cursor)
 
-    @patch("/{genome_id:str}", operation_id="updateGenome", sync_to_thread=True)
+    @patch("/{genome_id:str}", operation_id="updateGenome", sync_to_thread=False)
     def update(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: GenomeUpdate) -> Response[Genome]:
         """Rename or describe; honours If-Match."""
         return self._execute(request, services, genome_id, domain.ChangeGenomeDetails(data.name, data.description))
 
-    @put("/{genome_id:str}/layers", operation_id="replaceLayerStack", sync_to_thread=True)
+    @put("/{genome_id:str}/layers", operation_id="replaceLayerStack", sync_to_thread=False)
     def replace_layers(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: LayerStack) -> Response[Genome]:
         """Set the whole ordered, weighted stack (index 0 at the bottom) in one atomic change."""
         caller = caller_of(request)
         stack = tuple((_layer_facts(services, item.layer_id, caller), item.weight) for item in data.layers)
         return self._execute(request, services, genome_id, domain.ReplaceLayerStack(stack))
 
-    @post("/{genome_id:str}/layers", operation_id="attachLayer", status_code=200, sync_to_thread=True)
+    @post("/{genome_id:str}/layers", operation_id="attachLayer", status_code=200, sync_to_thread=False)
     def attach_layer(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: LayerAttachment) -> Response[Genome]:
         """Attach a layer with a weight, on top or at a position."""
         facts = _layer_facts(services, data.layer_id, caller_of(request))
         return self._execute(request, services, genome_id, domain.AttachLayer(facts, data.weight, data.position))
 
-    @delete("/{genome_id:str}/layers/{layer_id:str}", operation_id="detachLayer", status_code=200, sync_to_thread=True)
+    @delete("/{genome_id:str}/layers/{layer_id:str}", operation_id="detachLayer", status_code=200, sync_to_thread=False)
     def detach_layer(self, request: Request[Any, Any, Any], services: Services, genome_id: str, layer_id: str) -> Response[Genome]:
         """Take a layer off the stack."""
         return self._execute(request, services, genome_id, domain.DetachLayer(layer_id))
 
-    @delete("/{genome_id:str}", operation_id="archiveGenome", status_code=HTTP_204_NO_CONTENT, sync_to_thread=True)
+    @delete("/{genome_id:str}", operation_id="archiveGenome", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
     def archive(self, request: Request[Any, Any, Any], services: Services, genome_id: str) -> None:
         """Archive: the genome stops changing, GET answers 410, its history stays."""
         self._execute(request, services, genome_id, domain.ArchiveGenome())
 
-    @post("/{genome_id:str}/fork", operation_id="forkGenome", status_code=HTTP_201_CREATED, sync_to_thread=True)
+    @post("/{genome_id:str}/fork", operation_id="forkGenome", status_code=HTTP_201_CREATED, sync_to_thread=False)
     def fork(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: GenomeFork) -> Response[Genome]:
         """A new genome that starts from this one's stack (and other parents', first occurrence wins)."""
         caller = caller_of(request)
@@ -257,7 +257,7 @@ class GenomeController(Controller):
         genome = _from_aggregate(outcome.aggregate)
         return with_etag(genome, genome.version, HTTP_201_CREATED, {"Location": f"/genomes/{genome.id}"})
 
-    @get("/{genome_id:str}/events", operation_id="genomeEvents", sync_to_thread=True)
+    @get("/{genome_id:str}/events", operation_id="genomeEvents", sync_to_thread=False)
     def events(self, request: Request[Any, Any, Any], services: Services, genome_id: str) -> list[EventView]:
         """The genome's whole history, oldest first."""
         visible_row(services, TABLE, "genome_id", genome_id, caller_of(request), "genome", archived_column=None)

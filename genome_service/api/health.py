@@ -30,7 +30,7 @@ class HealthController(Controller):
         """The process is up."""
         return Health("ok")
 
-    @get("/ready", operation_id="ready", sync_to_thread=True)
+    @get("/ready", operation_id="ready", sync_to_thread=False)
     def ready(self, services: Services) -> Response[Readiness]:
         """The database answers; reports how far the read models trail the log (503 when it does not answer)."""
         try:

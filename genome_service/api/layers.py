@@ -158,13 +158,13 @@ class LayerController(Controller):
     path = "/layers"
     tags = ["layers"]
 
-    @get("/{layer_id:str}", operation_id="getLayer", sync_to_thread=True)
+    @get("/{layer_id:str}", operation_id="getLayer", sync_to_thread=False)
     def read(self, request: Request[Any, Any, Any], services: Services, layer_id: str) -> Response[Layer]:
         """One layer (the caller's own, or a public one)."""
         row = _readable(services, layer_id, caller_of(request))
         return with_etag(_from_row(row), row["version"])
 
-    @get("/", operation_id="listLayers", sync_to_thread=True)
+    @get("/", operation_id="listLayers", sync_to_thread=False)
     def list(
         self, request: Request[Any, Any, Any], services: Services,
         trait_type: domain.TraitType | None = None,
@@ -197,18 +197,18 @@ class LayerController(Controller):
         name, content = adapter_file(services, row["adapter_sha256"], file)
         return Response(content, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    @patch("/{layer_id:str}", operation_id="updateLayer", sync_to_thread=True)
+    @patch("/{layer_id:str}", operation_id="updateLayer", sync_to_thread=False)
     def update(self, request: Request[Any, Any, Any], services: Services, layer_id: str, data: LayerUpdate) -> Response[Layer]:
         """Change description, tags, license or sharing; honours If-Match."""
         tags = tuple(data.tags) if data.tags is not None else None
         return self._execute(request, services, layer_id, domain.ChangeLayerDetails(data.description, tags, data.public, data.license))
 
-    @delete("/{layer_id:str}", operation_id="deprecateLayer", status_code=HTTP_204_NO_CONTENT, sync_to_thread=True)
+    @delete("/{layer_id:str}", operation_id="deprecateLayer", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
     def deprecate(self, request: Request[Any, Any, Any], services: Services, layer_id: str, reason: str = "") -> None:
         """Deprecate: genomes that hold it keep it, but it can no longer be attached."""
         self._execute(request, services, layer_id, domain.DeprecateLayer(reason))
 
-    @get("/{layer_id:str}/events", operation_id="layerEvents", sync_to_thread=True)
+    @get("/{layer_id:str}/events", operation_id="layerEvents", sync_to_thread=False)
     def events(self, request: Request[Any, Any, Any], services: Services, layer_id: str) -> list[EventView]:
         """The layer's whole history, oldest first."""
         _readable(services, layer_id, caller_of(request))

@@ -35,7 +35,7 @@ class MetricsController(Controller):
     path = "/metrics"
     tags = ["ops"]
 
-    @get("/", operation_id="metrics", media_type=CONTENT_TYPE_LATEST, sync_to_thread=True)
+    @get("/", operation_id="metrics", media_type=CONTENT_TYPE_LATEST, sync_to_thread=False)
     def metrics(self) -> Response[bytes]:
         """Prometheus text exposition format."""
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -80,7 +80,7 @@ class PersonaController(Controller):
     path = "/personas"
     tags = ["personas"]
 
-    @post("/", operation_id="createPersona", status_code=HTTP_201_CREATED, sync_to_thread=True)
+    @post("/", operation_id="createPersona", status_code=HTTP_201_CREATED, sync_to_thread=False)
     def create(self, request: Request[Any, Any, Any], services: Services, data: PersonaCreate) -> Response[Persona]:
         """Create a persona owned by the caller."""
         owner = caller_of(request).owner
@@ -91,13 +91,13 @@ class PersonaController(Controller):
         persona = _from_aggregate(outcome.aggregate)
         return with_etag(persona, persona.version, HTTP_201_CREATED, {"Location": f"/personas/{persona.id}"})
 
-    @get("/{persona_id:str}", operation_id="getPersona", sync_to_thread=True)
+    @get("/{persona_id:str}", operation_id="getPersona", sync_to_thread=False)
     def read(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> Response[Persona]:
         """One persona; 410 once archived."""
         row = visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona")
         return with_etag(_from_row(row), row["version"])
 
-    @get("/", operation_id="listPersonas", sync_to_thread=True)
+    @get("/", operation_id="listPersonas", sync_to_thread=False)
     def list(
         self, request: Request[Any, Any, Any], services: Services,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
@@ -109,13 +109,13 @@ class PersonaController(Controller):
         rows, next_cursor = page(services, TABLE, "persona_id", where, cursor, limit)
         return Page([_from_row(row) for row in rows], next_cursor)
 
-    @patch("/{persona_id:str}", operation_id="updatePersona", sync_to_thread=True)
+    @patch("/{persona_id:str}", operation_id="updatePersona", sync_to_thread=False)
     def update(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: PersonaUpdate) -> Response[Persona]:
         """Change name, description or system prompt; honours If-Match."""
         command = domain.ChangePersonaProfile(data.name, data.description, data.system_prompt)
         return self._execute(request, services, persona_id, command)
 
-    @put("/{persona_id:str}/genome", operation_id="assignGenome", sync_to_thread=True)
+    @put("/{persona_id:str}/genome", operation_id="assignGenome", sync_to_thread=False)
     def assign_genome(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: GenomeAssignment) -> Response[Persona]:
         """Make one of the persona's genomes the one it speaks with."""
         owner = caller_of(request).owner
@@ -125,12 +125,12 @@ class PersonaController(Controller):
         facts = domain.GenomeFacts(genome.genome_id, genome.persona_id, genome.archived)
         return self._execute(request, services, persona_id, domain.AssignGenome(facts))
 
-    @delete("/{persona_id:str}", operation_id="archivePersona", status_code=HTTP_204_NO_CONTENT, sync_to_thread=True)
+    @delete("/{persona_id:str}", operation_id="archivePersona", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
     def archive(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> None:
         """Archive: the persona stops changing; its history stays."""
         self._execute(request, services, persona_id, domain.ArchivePersona())
 
-    @get("/{persona_id:str}/events", operation_id="personaEvents", sync_to_thread=True)
+    @get("/{persona_id:str}/events", operation_id="personaEvents", sync_to_thread=False)
     def events(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> list[EventView]:
         """The persona's whole history, oldest first."""
         visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)

@@ -1,4 +1,10 @@
-"""Helpers every resource controller shares: visibility, ETag responses, event views, pages."""
+"""Helpers every resource controller shares: visibility, ETag responses, event views, pages.
+
+Handlers whose work is a few short queries run on the event loop
+(``sync_to_thread=False``): a thread hop costs more CPU (GIL handoffs around each
+call) than the queries block, and writes queue on one writer connection anyway.
+Only adapter uploads and downloads, which move large files, go to a thread.
+"""
 
 from __future__ import annotations
 

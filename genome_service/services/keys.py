@@ -52,8 +52,13 @@ def _hash(key: str) -> str:
 
 
 class KeyStore:
+    """Every request asks one of two questions here, so both are plain driver SQL: a
+    key created or revoked by another process counts from the next request on."""
+
     def __init__(self, database: Database) -> None:
         self.database = database
+        mark = "?" if database.dialect == "sqlite" else "%s"
+        self._select_owner = f"SELECT owner, key_hash FROM api_keys WHERE key_id = {mark} AND revoked_at IS NULL"
 
     def create(self, owner: str) -> IssuedKey:
         owner = owner.strip()
@@ -86,9 +91,12 @@ class KeyStore:
 
     def any_active(self) -> bool:
         with self.database.read() as connection:
-            return connection.execute(
-                sa.select(sa.literal(1)).where(_table.c.revoked_at.is_(None)).limit(1)
-            ).first() is not None
+            cursor = connection.connection.cursor()
+            try:
+                cursor.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1")
+                return cursor.fetchone() is not None
+            finally:
+                cursor.close()
 
     def owner_of(self, presented: str) -> str | None:
         """The owner of an active key, or None for anything else."""
@@ -96,11 +104,12 @@ class KeyStore:
         if len(parts) < 3 or parts[0] != PREFIX:
             return None
         with self.database.read() as connection:
-            row = connection.execute(
-                sa.select(_table.c.owner, _table.c.key_hash).where(
-                    _table.c.key_id == parts[1], _table.c.revoked_at.is_(None)
-                )
-            ).first()
-        if row is None or not hmac.compare_digest(row.key_hash, _hash(presented)):
+            cursor = connection.connection.cursor()
+            try:
+                cursor.execute(self._select_owner, (parts[1],))
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        if row is None or not hmac.compare_digest(row[1], _hash(presented)):
             return None
-        return row.owner
+        return row[0]
