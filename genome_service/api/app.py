@@ -18,12 +18,7 @@ from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
 from genome_service.api.layers import layer_controller
-from genome_service.api.metrics import (
-    MetricsController,
-    prometheus,
-    register,
-    unregister,
-)
+from genome_service.api.metrics import RequestMetrics
 from genome_service.api.openapi import document_conventions
 from genome_service.api.personas import PersonaController
 from genome_service.services.bootstrap import Services, build
@@ -55,8 +50,8 @@ def create_app(services: Services) -> Litestar:
         if not services.keys.any_active():
             log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
 
-    metrics_config, store_metrics = prometheus(services)
-    middleware: list[Any] = [metrics_config.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
+    metrics = RequestMetrics(services)
+    middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
     if settings.rate_limit_per_minute:
         limit = RateLimitConfig(
             rate_limit=("minute", settings.rate_limit_per_minute),
@@ -66,7 +61,7 @@ def create_app(services: Services) -> Litestar:
         middleware.insert(1, limit.middleware)
     app = Litestar(
         route_handlers=[
-            HealthController, MetricsController, GenomeController, PersonaController,
+            HealthController, metrics.controller(), GenomeController, PersonaController,
             layer_controller(settings.max_adapter_bytes),
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
@@ -74,8 +69,8 @@ def create_app(services: Services) -> Litestar:
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[lambda: register(store_metrics), catch_up],
-        on_shutdown=[lambda: unregister(store_metrics), services.close],
+        on_startup=[catch_up],
+        on_shutdown=[services.close],
         openapi_config=OpenAPIConfig(
             title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
         ),

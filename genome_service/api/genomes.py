@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post, pu
 from litestar.exceptions import ClientException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from sqlalchemy.engine import Connection
 
 from genome_service.api.auth import Caller
 from genome_service.api.conventions import Page, command_metadata, expected_version
@@ -123,13 +124,10 @@ def _utc_moment(moment: datetime) -> datetime:
         raise ClientException(f"as_of {moment.isoformat()} is out of range once converted to UTC") from error
 
 
-def _stacks(services: Services, genome_ids: list[str]) -> dict[str, list[StackedLayer]]:
+def _stacks(connection: Connection, genome_ids: list[str]) -> dict[str, list[StackedLayer]]:
     stacks: dict[str, list[StackedLayer]] = {genome_id: [] for genome_id in genome_ids}
-    if not genome_ids:
-        return stacks
-    with services.database.read() as connection:
-        for row in child_rows(connection, REFS, "genome_id", genome_ids, "position"):
-            stacks[row["genome_id"]].append(StackedLayer(row["layer_id"], row["weight"], row["position"]))
+    for row in child_rows(connection, REFS, "genome_id", genome_ids, "position"):
+        stacks[row["genome_id"]].append(StackedLayer(row["layer_id"], row["weight"], row["position"]))
     return stacks
 
 
@@ -180,8 +178,9 @@ class GenomeController(Controller):
         """One genome now, or as it was at a version or a time; 410 once archived."""
         caller = caller_of(request)
         if version is None and as_of is None:
-            row = visible_row(services, TABLE, "genome_id", genome_id, caller, "genome")
-            genome = _from_row(row, _stacks(services, [genome_id])[genome_id])
+            with services.database.read() as connection:
+                row = visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", connection=connection)
+                genome = _from_row(row, _stacks(connection, [genome_id])[genome_id])
             return with_etag(genome, genome.version)
         _visible_genome(services, genome_id, caller)
         if as_of is not None:
@@ -212,7 +211,8 @@ class GenomeController(Controller):
         if layer_id is not None:
             where.append(TABLE.c.genome_id.in_(sa.select(REFS.c.genome_id).where(REFS.c.layer_id == layer_id)))
         rows, next_cursor = page(services, TABLE, "genome_id", where, cursor, limit)
-        stacks = _stacks(services, [row["genome_id"] for row in rows])
+        with services.database.read() as connection:
+            stacks = _stacks(connection, [row["genome_id"] for row in rows])
         return Page([_from_row(row, stacks[row["genome_id"]]) for row in rows], next_cursor)
 
     @patch("/{genome_id:str}", operation_id="updateGenome", sync_to_thread=False)

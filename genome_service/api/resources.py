@@ -15,6 +15,7 @@ import msgspec
 import sqlalchemy as sa
 from litestar import Request, Response
 from litestar.status_codes import HTTP_200_OK
+from sqlalchemy.engine import Connection
 
 from genome_service.api.auth import Caller
 from genome_service.api.conventions import Cursor, etag
@@ -49,10 +50,13 @@ def with_etag(body: T, version: int, status_code: int = HTTP_200_OK, headers: di
 
 def visible_row(
     services: Services, table: sa.Table, key: str, resource_id: str, caller: Caller, kind: str,
-    *, archived_column: str | None = "archived", public_column: str | None = None,
+    *, archived_column: str | None = "archived", public_column: str | None = None, connection: Connection | None = None,
 ) -> dict[str, Any]:
     """The row, if the caller may see it: another owner's private resource is simply not found."""
-    with services.database.read() as connection:
+    if connection is None:
+        with services.database.read() as own:
+            row = get_row(own, table, key, resource_id)
+    else:
         row = get_row(connection, table, key, resource_id)
     if row is None or (row["owner"] != caller.owner and not (public_column and row[public_column])):
         raise NotFound(kind, resource_id)

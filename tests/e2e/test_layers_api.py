@@ -141,7 +141,8 @@ def test_metrics_report_requests_latencies_appends_and_projection_lag(server: Se
         text = client.get("/metrics").text
     assert "genome_events_appended_total 1.0" in text
     assert "genome_projection_lag_events 0.0" in text
-    assert 'genome_requests_total{app_name="genome_service",method="POST",path="/personas",status_code="201"} 1.0' in text
+    assert 'genome_requests_total{method="POST",path="/personas",status_code="201"} 1.0' in text
+    assert 'genome_requests_total{method="GET",path="/personas",status_code="200"} 1.0' in text
     assert "genome_request_duration_seconds_bucket" in text
 
 
