@@ -13,16 +13,13 @@ from typing import Any
 import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
-from litestar.middleware.authentication import (
-    AbstractAuthenticationMiddleware,
-    AuthenticationResult,
-)
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from genome_service.services.keys import KeyStore
 
 OPEN_OWNER = "local"
 PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema"]
+_PUBLIC_PREFIXES = tuple(PUBLIC_PATHS)
 
 
 class Caller(msgspec.Struct, frozen=True):
@@ -30,27 +27,40 @@ class Caller(msgspec.Struct, frozen=True):
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    header = connection.headers.get("authorization")
-    if header and header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return connection.headers.get("x-api-key")
+    return _raw_key(connection.scope["headers"])
 
 
-class ApiKeyAuthentication(AbstractAuthenticationMiddleware):
+class ApiKeyAuthentication:
+    """Sets ``scope["user"]`` to the calling ``Caller``; a plain ASGI middleware that
+    reads the raw headers, since it runs on every request."""
+
     def __init__(self, app: ASGIApp, keys: KeyStore) -> None:
-        super().__init__(app, exclude=PUBLIC_PATHS)
+        self.app = app
         self.keys = keys
 
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        key = presented_key(connection)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIXES):
+            scope["user"], scope["auth"] = self._caller(_raw_key(scope["headers"]))
+        await self.app(scope, receive, send)
+
+    def _caller(self, key: str | None) -> tuple[Caller, str | None]:
         if key is None:
             if self.keys.any_active():
                 raise NotAuthorizedException("an API key is required: send Authorization: Bearer <key>")
-            return AuthenticationResult(user=Caller(OPEN_OWNER), auth=None)
+            return Caller(OPEN_OWNER), None
         owner = self.keys.owner_of(key)
         if owner is None:
             raise NotAuthorizedException("the API key is unknown or revoked")
-        return AuthenticationResult(user=Caller(owner), auth=key)
+        return Caller(owner), key
+
+
+def _raw_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip().decode("latin-1")
+        if name == b"x-api-key":
+            return value.decode("latin-1")
+    return None
 
 
 def is_loopback(host: str) -> bool:
