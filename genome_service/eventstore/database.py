@@ -104,10 +104,6 @@ class Database:
         with self.read_engine.connect() as connection:
             yield connection
 
-    @property
-    def placeholder(self) -> str:
-        return "?" if self.dialect == "sqlite" else "%s"
-
     def sql(self, statement: str) -> str:
         """Write driver SQL once with ``?`` placeholders; psycopg wants ``%s``."""
         return statement if self.dialect == "sqlite" else statement.replace("?", "%s")

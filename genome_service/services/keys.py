@@ -57,8 +57,7 @@ class KeyStore:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        mark = "?" if database.dialect == "sqlite" else "%s"
-        self._select_owner = f"SELECT owner, key_hash FROM api_keys WHERE key_id = {mark} AND revoked_at IS NULL"
+        self._select_owner = database.sql("SELECT owner, key_hash FROM api_keys WHERE key_id = ? AND revoked_at IS NULL")
 
     def create(self, owner: str) -> IssuedKey:
         owner = owner.strip()
