@@ -224,13 +224,16 @@ class GenomeController(Controller):
     def replace_layers(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: LayerStack) -> Response[Genome]:
         """Set the whole ordered, weighted stack (index 0 at the bottom) in one atomic change."""
         caller = caller_of(request)
+        visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", archived_column=None)
         stack = tuple((_layer_facts(services, item.layer_id, caller), item.weight) for item in data.layers)
         return self._execute(request, services, genome_id, domain.ReplaceLayerStack(stack))
 
     @post("/{genome_id:str}/layers", operation_id="attachLayer", status_code=200, sync_to_thread=False)
     def attach_layer(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: LayerAttachment) -> Response[Genome]:
         """Attach a layer with a weight, on top or at a position."""
-        facts = _layer_facts(services, data.layer_id, caller_of(request))
+        caller = caller_of(request)
+        visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", archived_column=None)
+        facts = _layer_facts(services, data.layer_id, caller)
         return self._execute(request, services, genome_id, domain.AttachLayer(facts, data.weight, data.position))
 
     @delete("/{genome_id:str}/layers/{layer_id:str}", operation_id="detachLayer", status_code=200, sync_to_thread=False)

@@ -249,6 +249,12 @@ def _fork(command: ForkGenome) -> GenomeForked:
     require_text(command.name, "name", max_length=200)
     parents = command.parents
     require(len(parents) >= 1, "fork_without_parent", "a fork needs at least one parent genome")
+    parent_ids = [parent.genome_id for parent in parents]
+    require(
+        len(set(parent_ids)) == len(parent_ids),
+        "parent_repeated",
+        f"each parent genome may be named once (got {parent_ids})",
+    )
     base_models = sorted({parent.base_model for parent in parents})
     require(
         len(base_models) == 1,

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import msgspec
 
+from genome_service.domain.common import DomainError
 from genome_service.domain.layer import LAYER, Layer, RegisterLayer, TraitType
 from genome_service.eventstore.records import EventMetadata
 from genome_service.services.bootstrap import Services
@@ -39,6 +40,10 @@ _manifest_encoder = msgspec.json.Encoder(order="sorted")
 
 def register_layer(services: Services, owner: str, details: LayerDetails, files: Mapping[str, bytes], metadata: EventMetadata) -> Outcome[Layer]:
     """Validate the adapter and the layer's rules first: a refusal leaves no blob and no event."""
+    if details.parent_layer_id is not None:
+        parent = services.repository.load(LAYER, details.parent_layer_id).state
+        if parent is None or (parent.owner != owner and not parent.public):
+            raise DomainError("parent_layer_not_found", f"parent layer {details.parent_layer_id!r} does not exist")
     spec = services.models.get(details.base_model)
     info = parse_adapter(files, spec, max_rank=services.settings.max_lora_rank)
     manifest = AdapterManifest(info.format, {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())})

@@ -210,3 +210,15 @@ def test_the_whole_api_runs_on_postgresql(start_server, postgres_url: str) -> No
         assert client.get(f"/genomes/{genome['id']}", params={"version": 1}).json()["layers"] == []
         assert client.delete(f"/genomes/{genome['id']}").status_code == 204
         assert client.get(f"/genomes/{genome['id']}").status_code == 410
+
+
+def test_references_to_missing_resources_name_the_missing_one(server: Server) -> None:
+    with server.client() as client:
+        orphan = upload(client, make_adapter_files("peft"), parent_layer_id="no-such-layer")
+        assert orphan.status_code == 404 and orphan.json()["rule"] == "parent_layer_not_found"
+        assert client.get("/layers").json()["items"] == []
+        unknown_both = client.post("/genomes/no-such-genome/layers", json={"layer_id": "no-such-layer"})
+        assert unknown_both.status_code == 404 and unknown_both.json()["rule"] == "genome_not_found"
+        genome = create_genome(client, create_persona(client)["id"])
+        twice = client.post(f"/genomes/{genome['id']}/fork", json={"name": "twin", "other_parent_ids": [genome["id"]]})
+        assert twice.status_code == 422 and twice.json()["rule"] == "parent_repeated"

@@ -354,3 +354,13 @@ def test_no_sequence_of_stack_changes_holds_a_layer_twice_or_a_weight_outside_ze
         ids = [ref.layer_id for ref in state.layers]
         assert len(ids) == len(set(ids))
         assert all(0.0 <= ref.weight <= 1.0 for ref in state.layers)
+
+
+def test_a_fork_that_names_a_parent_twice_is_refused() -> None:
+    from genome_service.domain.common import DomainError
+    from genome_service.domain.genome import GENOME, CreateGenome, ForkGenome
+
+    parent = GENOME.fold(None, GENOME.decide(CreateGenome("g1", "alice", "p1", "base", "parent"), None))
+    with pytest.raises(DomainError) as refused:
+        GENOME.decide(ForkGenome("g2", "alice", "p1", "child", (parent, parent)), None)
+    assert refused.value.rule == "parent_repeated"
