@@ -21,7 +21,8 @@ from genome_service.api.auth import Caller
 from genome_service.api.conventions import Cursor, etag
 from genome_service.api.errors import Gone, NotFound
 from genome_service.eventstore.records import RecordedEvent
-from genome_service.projections.queries import get_row, list_rows, utc
+from genome_service.projections.columns import utc
+from genome_service.projections.queries import get_row, list_rows
 from genome_service.services.bootstrap import Services
 
 T = TypeVar("T")

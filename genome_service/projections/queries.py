@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime
 from functools import cache
 from typing import Any
 
-import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from genome_service.projections.columns import decoder
+
 Row = dict[str, Any]
-
-
-def utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def get_row(connection: Connection, table: sa.Table, key: str, value: str) -> Row | None:
@@ -56,39 +52,12 @@ class _Reader:
         self.names = [c.name for c in table.columns]
         mark = "?" if dialect == "sqlite" else "%s"
         self.statement = f"SELECT {', '.join(self.names)} FROM {table.name} WHERE {key} = {mark}"
-        self.decoders = [_decoder(c.type, dialect) for c in table.columns]
+        self.decoders = [decoder(c.type, dialect) for c in table.columns]
 
 
 @cache
 def _reader(table: sa.Table, key: str, dialect: str) -> _Reader:
     return _Reader(table, key, dialect)
-
-
-def _decoder(column_type: sa.types.TypeEngine[Any], dialect: str) -> Callable[[Any], Any]:
-    if isinstance(column_type, sa.JSON):
-        # psycopg already parses json columns; SQLite hands back the text.
-        return _json_text if dialect == "sqlite" else _same
-    if isinstance(column_type, sa.DateTime):
-        return _sqlite_time if dialect == "sqlite" else utc
-    if isinstance(column_type, sa.Boolean):
-        return _bool_or_none
-    return _same
-
-
-def _json_text(value: Any) -> Any:
-    return None if value is None else msgspec.json.decode(value)
-
-
-def _sqlite_time(value: Any) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-def _bool_or_none(value: Any) -> bool | None:
-    return None if value is None else bool(value)
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def list_rows(

@@ -8,7 +8,7 @@ as SQL).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC
+from functools import cache
 from typing import Any
 
 import msgspec
@@ -21,6 +21,7 @@ from genome_service.domain.genome import GENOME
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
 from genome_service.eventstore.repository import Aggregate
+from genome_service.projections.columns import encoder
 from genome_service.projections.tables import (
     AcademySessionRow,
     GenomeLayerRefRow,
@@ -79,18 +80,15 @@ class RowWriter:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.sqlite = connection.dialect.name == "sqlite"
-        self.mark = "?" if self.sqlite else "%s"
+        self.dialect = connection.dialect.name
+        self.mark = "?" if self.dialect == "sqlite" else "%s"
 
     def upsert(self, table: sa.Table, key: str, rows: list[Row]) -> None:
-        names = [c.name for c in table.columns]
-        # created_at is the stream's first event: an update never moves it.
-        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in (key, "created_at"))
-        self._executemany(table, rows, f" ON CONFLICT ({key}) DO UPDATE SET {updates}")
+        self._executemany(_prepared(table, self.dialect, key), rows)
 
     def insert(self, table: sa.Table, rows: list[Row]) -> None:
         if rows:
-            self._executemany(table, rows, "")
+            self._executemany(_prepared(table, self.dialect, None), rows)
 
     def delete_where_in(self, table: sa.Table, column: str, values: list[Any]) -> None:
         cursor = self.connection.connection.cursor()
@@ -101,33 +99,32 @@ class RowWriter:
         finally:
             cursor.close()
 
-    def _executemany(self, table: sa.Table, rows: list[Row], suffix: str) -> None:
-        columns = list(table.columns)
-        names = ", ".join(c.name for c in columns)
-        statement = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join([self.mark] * len(columns))}){suffix}"
-        encoders = [self._encoder(c.type) for c in columns]
-        keys = [c.name for c in columns]
-        values = [tuple(encode(row[k]) for encode, k in zip(encoders, keys, strict=True)) for row in rows]
+    def _executemany(self, prepared: _Insert, rows: list[Row]) -> None:
+        pairs = prepared.pairs
+        values = [tuple(encode(row[name]) for name, encode in pairs) for row in rows]
         cursor = self.connection.connection.cursor()
         try:
-            cursor.executemany(statement, values)
+            cursor.executemany(prepared.statement, values)
         finally:
             cursor.close()
 
-    def _encoder(self, column_type: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
-        if isinstance(column_type, sa.JSON):
-            return lambda value: None if value is None else _json.encode(value).decode()
-        if isinstance(column_type, sa.DateTime) and self.sqlite:
-            # SQLAlchemy's SQLite DateTime text format, in UTC, so ORM reads parse it.
-            return lambda value: value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-        return _same
+
+class _Insert:
+    def __init__(self, table: sa.Table, dialect: str, conflict_key: str | None) -> None:
+        names = [c.name for c in table.columns]
+        mark = "?" if dialect == "sqlite" else "%s"
+        self.statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([mark] * len(names))})"
+        if conflict_key is not None:
+            # created_at is the stream's first event: an update never moves it.
+            updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in (conflict_key, "created_at"))
+            self.statement += f" ON CONFLICT ({conflict_key}) DO UPDATE SET {updates}"
+        self.pairs = [(c.name, encoder(c.type, dialect)) for c in table.columns]
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
-_json = msgspec.json.Encoder()
+@cache
+def _prepared(table: sa.Table, dialect: str, conflict_key: str | None) -> _Insert:
+    """Statement text and encoders, built once per table: inline projection runs on every append."""
+    return _Insert(table, dialect, conflict_key)
 
 
 def _stamps(aggregate: Aggregate[Any]) -> Row:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from genome_service.eventstore.database import Database
-from genome_service.projections.queries import utc
+from genome_service.projections.columns import utc
 
 PREFIX = "gsk"
 
