@@ -9,6 +9,11 @@ Both databases take one writer at a time (SQLite by its file lock, our
 PostgreSQL appends by ``LOCK TABLE``), so a process keeps one open write
 connection behind a lock: threads queue in-process instead of polling the
 database, and no write pays for a pool checkout.
+
+Reads keep one open connection per thread for the same reason: a pool checkout
+and its reset cost more than the indexed lookup of a GET by id. Each read ends
+its transaction when the outermost ``read()`` exits, so the next one sees every
+commit since.
 """
 
 from __future__ import annotations
@@ -46,12 +51,15 @@ class Database:
         self.dialect: Dialect = backend  # type: ignore[assignment]
         self._writer_lock = threading.Lock()
         self._writer: Connection | None = None
+        self._local = threading.local()
+        self._readers_lock = threading.Lock()
+        self._readers: dict[threading.Thread, Connection] = {}
         if self.dialect == "sqlite":
             self.write_engine = self._sqlite_engine(sqlite_synchronous, sqlite_busy_timeout, "BEGIN IMMEDIATE")
             self.read_engine = self._sqlite_engine(sqlite_synchronous, sqlite_busy_timeout, "BEGIN")
         else:
             self.write_engine = self.read_engine = sa.create_engine(
-                self.url, pool_size=8, max_overflow=32, pool_pre_ping=True
+                self.url, pool_size=8, max_overflow=64, pool_pre_ping=True
             )
 
     @classmethod
@@ -68,7 +76,7 @@ class Database:
         engine = sa.create_engine(
             self.url,
             pool_size=8,
-            max_overflow=32,
+            max_overflow=64,
             connect_args={"timeout": busy_timeout, "check_same_thread": False},
         )
 
@@ -101,8 +109,43 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.read_engine.connect() as connection:
+        """This thread's read connection; nested calls share it, the outermost ends its transaction."""
+        local = self._local
+        connection: Connection | None = getattr(local, "connection", None)
+        if connection is None or connection.closed or connection.invalidated:
+            connection = local.connection = self._new_reader()
+            local.depth = 0
+        local.depth += 1
+        try:
             yield connection
+        finally:
+            local.depth -= 1
+            if local.depth == 0:
+                self._end_read(connection)
+
+    def _new_reader(self) -> Connection:
+        connection = self.read_engine.connect()
+        with self._readers_lock:
+            # Threads come and go (a thread pool's workers); their connections go back to the pool.
+            for thread in [t for t in self._readers if not t.is_alive()]:
+                self._readers.pop(thread).close()
+            stale = self._readers.pop(threading.current_thread(), None)
+            if stale is not None:
+                stale.close()
+            self._readers[threading.current_thread()] = connection
+        return connection
+
+    def _end_read(self, connection: Connection) -> None:
+        try:
+            if connection.in_transaction():
+                connection.rollback()
+            else:
+                # Driver-level reads may have opened a transaction SQLAlchemy does not know about
+                # (psycopg starts one on the first statement); rollback is free when there is none.
+                connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception:
+            connection.invalidate()
+            raise
 
     def sql(self, statement: str) -> str:
         """Write driver SQL once with ``?`` placeholders; psycopg wants ``%s``."""
@@ -124,6 +167,10 @@ class Database:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+        with self._readers_lock:
+            for connection in self._readers.values():
+                connection.close()
+            self._readers.clear()
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
