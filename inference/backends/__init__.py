@@ -1,0 +1,1 @@
+"""Backends behind one protocol (`inference.backends.base`): torch, mlx and openai."""

@@ -1,0 +1,90 @@
+"""The one protocol every backend follows, and the types that cross it.
+
+A backend streams tokens for a chat with an optional LoRA stack. It is synchronous: the
+engine runs `generate` in a worker thread and stops it through `cancelled`. Local backends
+(torch, mlx) also expose one forward pass as `logits`, which the exactness tests compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+import msgspec
+import numpy as np
+
+from inference.lora.stack import LoraStack
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "repetition", "error", "cancelled"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Role
+    content: str
+
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True):
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature: expected a number in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: expected at least 1, got {self.max_tokens}")
+        if any(not stop for stop in self.stop):
+            raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)}")
+
+
+class Token(msgspec.Struct, frozen=True):
+    text: str
+    token_id: int
+
+
+class Finish(msgspec.Struct, frozen=True):
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = Token | Finish
+
+
+def never_cancelled() -> bool:
+    return False
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        stack: LoraStack | None,
+        sampling: Sampling,
+        cancelled: Callable[[], bool] = never_cancelled,
+    ) -> Iterator[Token | Finish]:
+        """Yield Tokens, then exactly one Finish; check `cancelled()` between tokens."""
+        ...
+
+    @property
+    def loads(self) -> int:
+        """How many times this backend has loaded the base model."""
+        ...
+
+
+@runtime_checkable
+class LocalBackend(Backend, Protocol):
+    """A backend that holds the weights in this process, so one forward pass can be inspected."""
+
+    def logits(self, token_ids: Sequence[int], stack: LoraStack | None) -> np.ndarray:
+        """(len(token_ids), vocab) float32 logits of one forward pass over `token_ids`."""
+        ...
