@@ -35,10 +35,49 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_lora_rank: int = 64
     # Requests per minute per API key (or per address without one); 0 turns limiting off.
     rate_limit_per_minute: int = 1200
+    # Pulled and registered base models; default: ``data_dir/models``.
+    models_dir: Path | None = None
+    # Inference: "auto" picks mlx on Apple silicon and torch elsewhere.
+    inference_backend: Literal["auto", "torch", "mlx", "openai"] = "auto"
+    inference_model: str = "smollm2-135m-instruct"
+    # torch only: "auto" picks cuda (also ROCm builds), then mps, then cpu.
+    inference_device: str = "auto"
+    # The openai backend's server, e.g. http://127.0.0.1:8080/v1 (vLLM, mlx_lm.server, Ollama).
+    openai_base_url: str = ""
+    openai_api_key: str = ""
+    # Raw adapters kept decoded in memory (bytes), and assembled stacks kept (count).
+    adapter_cache_bytes: int = 536_870_912
+    stack_cache_size: int = 16
+    # Requests waiting for the model beyond this are refused; seconds one request may take.
+    inference_queue_size: int = 64
+    inference_timeout: float = 300.0
+    # RAG: layer search and persona knowledge (``rag/``, ``genome_service/services/search.py``).
+    # Where the FAISS indexes are saved with their log position; default: ``data_dir/index``.
+    index_dir: Path | None = None
+    # Below this many vectors an index is exact (flat); at it, HNSW.
+    index_exact_below: int = 20_000
+    index_hnsw_m: int = 16
+    index_ef_construction: int = 80
+    index_ef_search: int = 64
+    # Events applied between saves of the index; a crash replays at most this many.
+    index_save_every: int = 500
+    # Largest k a search may ask for.
+    search_max_k: int = 100
+    # Knowledge documents are split into chunks of this many words, overlapping by this many.
+    chunk_words: int = 120
+    chunk_overlap_words: int = 24
+    embed_batch_size: int = 64
+    # Distinct texts whose vectors are kept in memory (LRU by content hash).
+    embed_cache_size: int = 50_000
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
             raise ValueError("GENOME_SNAPSHOT_EVERY must be >= 1")
+        if min(self.index_exact_below, self.index_hnsw_m, self.index_ef_construction, self.index_ef_search,
+               self.index_save_every, self.search_max_k, self.chunk_words, self.embed_batch_size) < 1:
+            raise ValueError("GENOME_INDEX_*, GENOME_SEARCH_MAX_K, GENOME_CHUNK_WORDS and GENOME_EMBED_BATCH_SIZE must be >= 1")
+        if not 0 <= self.chunk_overlap_words < self.chunk_words:
+            raise ValueError("GENOME_CHUNK_OVERLAP_WORDS must be >= 0 and below GENOME_CHUNK_WORDS")
         if not 1 <= self.port <= 65535:
             raise ValueError("GENOME_PORT must be within 1..65535")
         if self.workers < 1:
@@ -47,6 +86,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_MAX_BODY_BYTES, GENOME_MAX_ADAPTER_BYTES and GENOME_MAX_LORA_RANK must be >= 1")
         if self.rate_limit_per_minute < 0:
             raise ValueError("GENOME_RATE_LIMIT_PER_MINUTE must be >= 0 (0 turns limiting off)")
+        if min(self.adapter_cache_bytes, self.stack_cache_size, self.inference_queue_size) < 1:
+            raise ValueError(
+                "GENOME_ADAPTER_CACHE_BYTES, GENOME_STACK_CACHE_SIZE and GENOME_INFERENCE_QUEUE_SIZE must be >= 1"
+            )
+        if not self.inference_timeout > 0:
+            raise ValueError("GENOME_INFERENCE_TIMEOUT must be > 0 seconds")
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
     @property
     def resolved_database_url(self) -> str:

@@ -25,6 +25,13 @@ class UnknownModel(KeyError):
         return str(self.args[0])
 
 
+class ModelNotPulled(LookupError):
+    """The default model is known but not on disk yet."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class ModelSpec(msgspec.Struct, frozen=True):
     """The dimensions of a Llama-architecture model that LoRA shapes depend on."""
 
@@ -111,6 +118,20 @@ class ModelCatalog:
         if path is None or not path.is_file():
             raise UnknownModel(f"unknown model: expected one of {', '.join(self.names())}, got {name!r}")
         return ModelSpec.from_hf_config(name, _read_json(path))
+
+    def folder(self, name: str) -> Path:
+        """The Hugging Face folder (config, weights, tokenizer) a backend loads for `name`."""
+        if name == DEFAULT_MODEL:
+            path = self._dir / DEFAULT_MODEL
+            # The pull renames a finished folder into place, so a config means a whole model.
+            if not (path / CONFIG_FILE).is_file():
+                raise ModelNotPulled(f"model {name!r} is not in {self._dir}: run `genome-service model pull` first")
+            return path
+        path = self._config_path(name)
+        if path is None or not path.is_file():
+            raise UnknownModel(f"unknown model: expected one of {', '.join(self.names())}, got {name!r}")
+        # A registered model's config is a link back into the folder that holds its weights.
+        return path.resolve().parent
 
     def names(self) -> list[str]:
         folders = self._dir.iterdir() if self._dir.is_dir() else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -19,6 +20,9 @@ from genome_service.eventstore.migrations import upgrade
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
 
+# One converted default model per machine, shared by every test run: `scripts/test` pulls
+# it here first (GENOME_MODELS_DIR overrides), so no test converts the GGUF itself.
+MODELS_DIR = Path(os.environ.get("GENOME_MODELS_DIR") or Path(__file__).resolve().parent.parent / ".cache" / "models")
 POSTGRES_URL = os.environ.get("GENOME_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -86,3 +90,12 @@ def database(database_url: str) -> Iterator[Database]:
 @pytest.fixture
 def services(database: Database, tmp_path) -> Iterator[Services]:  # type: ignore[no-untyped-def]
     yield build(Settings(data_dir=tmp_path, database_url=database.url, snapshot_every=5), database=database)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The pulled SmolLM2-135M-Instruct folder (pulled here once if `scripts/test` did not)."""
+    from inference.pull import pull_default
+
+    folder, _ = pull_default(MODELS_DIR)
+    return folder

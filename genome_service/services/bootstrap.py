@@ -47,5 +47,5 @@ def build(settings: Settings, *, database: Database | None = None, inline_projec
     commands = CommandHandler(repository, projector if inline_projections else None)
     return Services(
         settings, database, store, repository, projector, commands, KeyStore(database),
-        BlobStore(settings.blob_dir or settings.data_dir / "blobs"), ModelCatalog(settings.data_dir / "models"),
+        BlobStore(settings.blob_dir or settings.data_dir / "blobs"), ModelCatalog(settings.resolved_models_dir),
     )
