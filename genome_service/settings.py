@@ -45,6 +45,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The openai backend's server, e.g. http://127.0.0.1:8080/v1 (vLLM, mlx_lm.server, Ollama).
     openai_base_url: str = ""
     openai_api_key: str = ""
+    # How the openai backend hands the server a persona's LoRA stack: "vllm" registers a PEFT
+    # folder (POST /v1/load_lora_adapter), "mlx-lm" passes an mlx-lm folder per request
+    # (mlx_lm.server's `adapters`). Folders are written under openai_adapters_dir (default
+    # ``data_dir/served-adapters``), a path the server must be able to read as well.
+    openai_adapters: Literal["vllm", "mlx-lm"] = "vllm"
+    openai_adapters_dir: Path | None = None
     # Raw adapters kept decoded in memory (bytes), and assembled stacks kept (count).
     adapter_cache_bytes: int = 536_870_912
     stack_cache_size: int = 16
@@ -96,6 +102,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def resolved_models_dir(self) -> Path:
         return self.models_dir or self.data_dir / "models"
+
+    @property
+    def resolved_openai_adapters_dir(self) -> Path:
+        return self.openai_adapters_dir or self.data_dir / "served-adapters"
 
     @property
     def resolved_database_url(self) -> str:
