@@ -134,7 +134,10 @@ class Guard:
     def nonfinite(self) -> Finish:
         """The ending for NaN or Inf in the logits (a broken adapter or overflowing weights)."""
         step = self.completion_tokens + 1
-        return self._finish("error", f"non-finite logits (NaN or Inf) at generated token {step}")
+        return self.error(f"non-finite logits (NaN or Inf) at generated token {step}")
+
+    def error(self, message: str) -> Finish:
+        return self._finish("error", message)
 
     def cancel(self) -> Finish:
         return self._finish("cancelled")

@@ -1,0 +1,271 @@
+"""transformers backend (CUDA, ROCm, MPS or CPU): one base model in memory, LoRA stacks swapped per request.
+
+Each projection a stack targets is replaced, for that request, by a `LoraLinear` computing
+
+    y = W x + B_cat (A_cat x)        (F.linear(x, W) + F.linear(F.linear(x, A_cat), B_cat))
+
+with the stack's rank-concatenated factors (see `inference.lora.stack`). A stack becomes
+device tensors once and is cached by `stack.key`. Switching persona re-points module
+attributes and never reloads the base; with no stack the original `nn.Linear`s are put
+back, so the model is exactly the one plain `generate` runs and costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.backends.base import ChatMessage, Finish, Sampling, Token, never_cancelled
+from inference.guards import Guard, RepetitionRule
+from inference.lora.adapter import PARENTS
+from inference.lora.stack import LoraStack
+from inference.models import PROJECTIONS
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "layers.{i}.{module}" -> (A_cat, B_cat)
+_MODULE_KEY = re.compile(r"layers\.(0|[1-9][0-9]*)\.(\w+)")
+
+
+class StackMismatch(ValueError):
+    """A LoRA stack whose modules or shapes do not fit the loaded model."""
+
+
+def pick_device(requested: str = "auto") -> str:
+    """"auto": cuda (ROCm builds answer to it too), then mps, then cpu."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class LoraLinear(nn.Module):
+    """A linear layer plus the active stack's low-rank term for it."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.a = torch.empty(0)
+        self.b = torch.empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base.weight, self.base.bias) + F.linear(F.linear(x, self.a), self.b)
+
+
+class TorchBackend:
+    """A transformers causal LM loaded once; `generate` and `logits` take any LoRA stack."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+        stack_cache_size: int = 16,
+        repetition: RepetitionRule | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.device = pick_device(device)
+        # fp32 on CPU (exact and fastest there); half precision where a GPU makes it pay.
+        self.dtype = dtype or (torch.float32 if self.device == "cpu" else torch.bfloat16)
+        self._stack_cache_size = stack_cache_size
+        self._repetition = repetition
+        self._lock = threading.Lock()
+        self._converted: OrderedDict[str, Factors] = OrderedDict()
+        self._active: str | None = None
+        self._loads = 0
+        self._load()
+
+    @property
+    def loads(self) -> int:
+        return self._loads
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype).to(self.device)
+        self._model = model.eval()
+        self._loads += 1
+        # Where each projection lives, so a stack is applied by re-pointing one attribute.
+        self._slots: dict[str, tuple[nn.Module, str, nn.Linear, LoraLinear]] = {}
+        for index, block in enumerate(model.model.layers):
+            for module in PROJECTIONS:
+                parent = getattr(block, PARENTS[module])
+                linear = getattr(parent, module)
+                self._slots[f"layers.{index}.{module}"] = (parent, module, linear, LoraLinear(linear))
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tokenizer.eos_token_id is not None:
+            eos_ids.add(self._tokenizer.eos_token_id)
+        self._eos = frozenset(eos_ids)
+        self._context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+    # --- the protocol -------------------------------------------------------------------
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        stack: LoraStack | None,
+        sampling: Sampling,
+        cancelled: Callable[[], bool] = never_cancelled,
+    ) -> Iterator[Token | Finish]:
+        """Yield Tokens, then one Finish; a stack that does not fit raises here, before any token."""
+        if stack is not None:
+            self._factors(stack)
+        ids = self.encode_chat(messages)
+        return self._stream(ids, stack, sampling, cancelled)
+
+    def logits(self, token_ids: Sequence[int], stack: LoraStack | None) -> np.ndarray:
+        with self._lock:
+            self._activate(stack)
+            with torch.inference_mode():
+                out = self._model(input_ids=torch.tensor([list(token_ids)], device=self.device)).logits[0]
+            return out.float().cpu().numpy()
+
+    # --- helpers the engine, CLI and benchmark share --------------------------------------
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt ids: the tokenizer's chat template with the assistant turn opened."""
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        text = self._tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        # The template already writes the special tokens; adding them again would double BOS.
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    # --- decoding -----------------------------------------------------------------------
+
+    def _stream(
+        self, ids: list[int], stack: LoraStack | None, sampling: Sampling, cancelled: Callable[[], bool]
+    ) -> Iterator[Token | Finish]:
+        guard = Guard(sampling, self._decode, self._eos, len(ids), self._repetition)
+        if self._context and len(ids) + sampling.max_tokens > self._context:
+            yield guard.error(
+                f"prompt of {len(ids)} tokens plus max_tokens {sampling.max_tokens} "
+                f"exceeds the model's context of {self._context}"
+            )
+            return
+        with self._lock:
+            self._activate(stack)
+            yield from self._decode_loop(ids, sampling, guard, cancelled)
+
+    def _decode_loop(
+        self, ids: list[int], sampling: Sampling, guard: Guard, cancelled: Callable[[], bool]
+    ) -> Iterator[Token | Finish]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self._model.config)
+        generator = self._generator(sampling.seed)
+        inputs = torch.tensor([ids], device=self.device)
+        while True:
+            if cancelled():
+                yield guard.cancel()
+                return
+            logits = self._step(inputs, cache)
+            if not bool(torch.isfinite(logits).all()):
+                yield guard.nonfinite()
+                return
+            token_id = _sample(logits, sampling, generator)
+            tokens, finish = guard.push(token_id)
+            yield from tokens
+            if finish is not None:
+                yield finish
+                return
+            inputs = torch.tensor([[token_id]], device=self.device)
+
+    @torch.inference_mode()
+    def _step(self, inputs: torch.Tensor, cache: object) -> torch.Tensor:
+        # logits_to_keep=1: only the last position's logits, as `generate` does; the prompt's
+        # full (len, vocab) logits would cost more than the whole prefill.
+        out = self._model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- stacks -------------------------------------------------------------------------
+
+    def activate(self, stack: LoraStack | None) -> None:
+        """Point the model at `stack` (None: the plain base) between requests; a no-op when it is active."""
+        with self._lock:
+            self._activate(stack)
+
+    def _activate(self, stack: LoraStack | None) -> None:
+        key = stack.key if stack is not None else None
+        if key == self._active:
+            return
+        factors = self._factors(stack) if stack is not None else {}
+        for name, (parent, attr, linear, lora) in self._slots.items():
+            if name in factors:
+                lora.a, lora.b = factors[name]
+                setattr(parent, attr, lora)
+            elif getattr(parent, attr) is not linear:
+                setattr(parent, attr, linear)
+        self._active = key
+
+    def _factors(self, stack: LoraStack) -> Factors:
+        if stack.key in self._converted:
+            self._converted.move_to_end(stack.key)
+            return self._converted[stack.key]
+        factors = {}
+        for name, (a, b) in stack.modules.items():
+            linear = self._check_fits(name, a, b)
+            factors[name] = (
+                torch.from_numpy(np.array(a)).to(self.device, linear.weight.dtype),
+                torch.from_numpy(np.array(b)).to(self.device, linear.weight.dtype),
+            )
+        self._converted[stack.key] = factors
+        if len(self._converted) > self._stack_cache_size:
+            self._converted.popitem(last=False)
+        return factors
+
+    def _check_fits(self, name: str, a: np.ndarray, b: np.ndarray) -> nn.Linear:
+        if name not in self._slots:
+            match = _MODULE_KEY.fullmatch(name)
+            detail = (
+                f"the model has {len(self._slots) // len(PROJECTIONS)} blocks"
+                if match and match.group(2) in PROJECTIONS
+                else f"expected 'layers.<i>.<module>' with a module among {', '.join(PROJECTIONS)}"
+            )
+            raise StackMismatch(f"stack module {name!r} is not in {self.folder.name}: {detail}")
+        linear = self._slots[name][2]
+        expected = (linear.in_features, linear.out_features)
+        if (a.shape[1], b.shape[0]) != expected:
+            raise StackMismatch(
+                f"stack module {name!r}: expected (in, out) = {expected} for {self.folder.name}, "
+                f"got A {a.shape} and B {b.shape}"
+            )
+        return linear
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    if sampling.temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        # (a token stays if the mass before it is still below top_p).
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs[before >= sampling.top_p] = 0.0
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
