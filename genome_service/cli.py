@@ -52,6 +52,12 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projections_app, name="projections")
 app.add_typer(events_app, name="events")
+index_app = typer.Typer(
+    help="The FAISS search indexes (layers, persona knowledge): a projection of the log.",
+    epilog="Example: genome-service index rebuild",
+    no_args_is_help=True,
+)
+app.add_typer(index_app, name="index")
 
 
 class UserError(Exception):
@@ -228,6 +234,30 @@ def projections_rebuild(ctx: typer.Context) -> None:
         with _progress(context, "rebuilding") as advance:
             position = services.projector.rebuild(advance)
         context.say(f"read models rebuilt from {position} events")
+
+
+@index_app.command("rebuild", epilog="Example: genome-service --quiet index rebuild")
+def index_rebuild(ctx: typer.Context) -> None:
+    """Re-embed and re-index every layer and knowledge chunk from the first event, then save."""
+    context: Context = ctx.obj
+    with context.services() as services:
+        with _progress(context, "indexing") as advance:
+            position = services.search.rebuild(advance)
+        context.say(f"indexes rebuilt from {position} events: {len(services.search.layers.index)} layers, "  # type: ignore[arg-type]
+                    f"{len(services.search.knowledge.index)} knowledge chunks in {services.search.directory}")  # type: ignore[arg-type]
+
+
+@index_app.command("status", epilog="Example: genome-service index status")
+def index_status(ctx: typer.Context) -> None:
+    """Print the saved indexes' positions against the log's last position."""
+    from rag.index import VectorIndex
+
+    with ctx.obj.services() as services:
+        search, last = services.search, services.store.last_position()
+        for projection in (search.layers, search.knowledge):
+            path = search.path(projection)
+            saved = VectorIndex.saved_position(path)
+            typer.echo(f"{projection.name}: {path}  saved at: {saved if saved is not None else 'never'}  last position: {last}")
 
 
 @events_app.command("tail", epilog="Example: genome-service events tail --limit 50 --follow")

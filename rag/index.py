@@ -324,6 +324,14 @@ class VectorIndex:
         finally:
             os.close(directory)
 
+    @staticmethod
+    def saved_position(path: Path) -> int | None:
+        """The log position a saved index reflects, without loading it; None if none is saved."""
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return msgspec.json.decode(data["meta"].tobytes(), type=_Saved).position
+
     @classmethod
     def load(
         cls, path: Path, *, dimension: int, attributes: tuple[str, ...], config: IndexConfig, fingerprint: str,

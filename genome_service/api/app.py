@@ -12,7 +12,7 @@ from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from genome_service.api import genomes, layers, personas
+from genome_service.api import genomes, layers, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
@@ -28,7 +28,7 @@ log = logging.getLogger("genome_service")
 REQUEST_TYPES = (
     personas.PersonaCreate, personas.PersonaUpdate, personas.GenomeAssignment,
     genomes.GenomeCreate, genomes.GenomeUpdate, genomes.LayerWeight, genomes.LayerAttachment,
-    genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate,
+    genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
 )
 
 
@@ -62,7 +62,7 @@ def create_app(services: Services) -> Litestar:
     app = Litestar(
         route_handlers=[
             HealthController, metrics.controller(), GenomeController, PersonaController,
-            layer_controller(settings.max_adapter_bytes),
+            layer_controller(settings.max_adapter_bytes), search.LayerSearchController, search.KnowledgeController,
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         middleware=middleware,

@@ -27,8 +27,10 @@ from sqlalchemy.exc import DataError, OperationalError
 
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
+from genome_service.services.search import SearchRefused
 from inference.lora.adapter import AdapterRejected
 from inference.models import UnknownModel
+from rag.index import VectorError
 
 log = logging.getLogger("genome_service.api")
 PROBLEM_BASE = "https://genome-service.dev/problems/"
@@ -94,6 +96,8 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
                 IdempotencyKeyReused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_reused", str(e)),
                 AdapterRejected: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.reason, str(e)),
                 UnknownModel: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "unknown_base_model", str(e)),
+                SearchRefused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),
+                VectorError: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),
                 NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
                 Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
             }

@@ -58,6 +58,8 @@ class LayerRegistered(msgspec.Struct, frozen=True, gc=False, tag=True):
     public: bool = False
     parent_layer_id: str | None = None
     training_metrics: TrainingMetrics | None = None
+    # Only ever the owner's own vector; a computed one is derived, never stored here.
+    embedding: tuple[float, ...] | None = None
 
 
 class LayerDetailsChanged(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
@@ -98,6 +100,7 @@ class Layer(msgspec.Struct, frozen=True, gc=False):
     training_metrics: TrainingMetrics | None = None
     deprecated: bool = False
     deprecation_reason: str = ""
+    embedding: tuple[float, ...] | None = None
 
 
 # Commands
@@ -118,6 +121,7 @@ class RegisterLayer(msgspec.Struct, frozen=True, gc=False):
     public: bool = False
     parent_layer_id: str | None = None
     training_metrics: TrainingMetrics | None = None
+    embedding: tuple[float, ...] | None = None
 
 
 class ChangeLayerDetails(msgspec.Struct, frozen=True, gc=False):
@@ -180,6 +184,10 @@ def _require_registration(command: RegisterLayer) -> None:
     )
     require(command.rank >= 1, "rank_out_of_range", f"rank must be at least 1 (got {command.rank})")
     require(len(command.target_modules) > 0, "target_modules_required", "target_modules must not be empty")
+    if command.embedding is not None:
+        require(all(math.isfinite(x) for x in command.embedding), "vector_not_finite",
+                "every number of the embedding must be finite (no NaN or infinity)")
+        require(any(command.embedding), "vector_zero", "the embedding must not be all zeros")
 
 
 def normalise_tags(tags: tuple[str, ...]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from genome_service.domain.academy import ACADEMY_SESSION
 from genome_service.domain.common import Decider
 from genome_service.domain.genome import GENOME
+from genome_service.domain.knowledge import KNOWLEDGE
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
 from genome_service.eventstore.repository import Aggregate
@@ -26,6 +27,8 @@ from genome_service.projections.tables import (
     AcademySessionRow,
     GenomeLayerRefRow,
     GenomeRow,
+    KnowledgeChunkRow,
+    KnowledgeRow,
     LayerRow,
     PersonaRow,
 )
@@ -142,6 +145,20 @@ def _genome_layer_rows(aggregate: Aggregate[Any]) -> list[Row]:
     ]
 
 
+def _knowledge_row(state: Any) -> Row:
+    return _fields(state, "chunks") | {"chunk_count": len(state.chunks)}
+
+
+def _knowledge_chunk_rows(aggregate: Aggregate[Any]) -> list[Row]:
+    state = aggregate.state
+    if state.removed:
+        return []
+    return [
+        {"knowledge_id": state.knowledge_id, "ordinal": i, "persona_id": state.persona_id, "text": text}
+        for i, text in enumerate(state.chunks)
+    ]
+
+
 READ_MODELS: tuple[ReadModel, ...] = (
     ReadModel(
         GENOME,
@@ -150,7 +167,15 @@ READ_MODELS: tuple[ReadModel, ...] = (
         lambda state: _fields(state, "layers"),
         ChildRows(GenomeLayerRefRow.__table__, "genome_id", _genome_layer_rows),  # type: ignore[attr-defined]
     ),
-    ReadModel(LAYER, LayerRow.__table__, "layer_id", _fields),  # type: ignore[attr-defined]
+    # A user-supplied embedding stays in the log and the index, not in the table.
+    ReadModel(LAYER, LayerRow.__table__, "layer_id", lambda state: _fields(state, "embedding")),  # type: ignore[attr-defined]
     ReadModel(PERSONA, PersonaRow.__table__, "persona_id", _fields),  # type: ignore[attr-defined]
     ReadModel(ACADEMY_SESSION, AcademySessionRow.__table__, "session_id", _fields),  # type: ignore[attr-defined]
+    ReadModel(
+        KNOWLEDGE,
+        KnowledgeRow.__table__,  # type: ignore[attr-defined]
+        "knowledge_id",
+        _knowledge_row,
+        ChildRows(KnowledgeChunkRow.__table__, "knowledge_id", _knowledge_chunk_rows),  # type: ignore[attr-defined]
+    ),
 )

@@ -104,6 +104,34 @@ class AcademySessionRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=_time())
 
 
+class KnowledgeRow(SQLModel, table=True):
+    """A document of a persona's knowledge; its text is in ``knowledge_chunks``."""
+
+    __tablename__ = "knowledge"
+
+    knowledge_id: str = Field(primary_key=True, max_length=64)
+    persona_id: str = Field(index=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    title: str = Field(max_length=200)
+    media_type: str = Field(max_length=32)
+    chunk_count: int
+    removed: bool
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class KnowledgeChunkRow(SQLModel, table=True):
+    """One searchable chunk of a document; a removed document keeps none."""
+
+    __tablename__ = "knowledge_chunks"
+
+    knowledge_id: str = Field(primary_key=True, max_length=64)
+    ordinal: int = Field(primary_key=True)
+    persona_id: str = Field(index=True, max_length=64)
+    text: str
+
+
 class ProjectionCheckpointRow(SQLModel, table=True):
     """The last event position a projection has applied."""
 

@@ -15,8 +15,10 @@ from genome_service.projections.read_models import READ_MODELS
 from genome_service.services.blobs import BlobStore
 from genome_service.services.handler import CommandHandler
 from genome_service.services.keys import KeyStore
+from genome_service.services.search import SearchIndexes
 from genome_service.settings import Settings
 from inference.models import ModelCatalog
+from rag.embedder import Embedder, SentenceTransformerEmbedder
 
 
 def domain_codec() -> EventCodec:
@@ -34,18 +36,25 @@ class Services(msgspec.Struct, frozen=True):
     keys: KeyStore
     blobs: BlobStore
     models: ModelCatalog
+    search: SearchIndexes
 
     def close(self) -> None:
+        self.search.save_if_changed()
         self.database.dispose()
 
 
-def build(settings: Settings, *, database: Database | None = None, inline_projections: bool = True) -> Services:
+def build(
+    settings: Settings, *, database: Database | None = None, inline_projections: bool = True, embedder: Embedder | None = None,
+) -> Services:
+    """``embedder``: one already loaded (tests share one); default: the bundled model, loaded on first use."""
     database = database or Database.from_settings(settings)
     store = EventStore(database, domain_codec())
     repository = Repository(store, snapshot_every=settings.snapshot_every)
     projector = Projector(repository, READ_MODELS)
     commands = CommandHandler(repository, projector if inline_projections else None)
+    embedder = embedder or SentenceTransformerEmbedder(batch_size=settings.embed_batch_size, cache_size=settings.embed_cache_size)
     return Services(
         settings, database, store, repository, projector, commands, KeyStore(database),
         BlobStore(settings.blob_dir or settings.data_dir / "blobs"), ModelCatalog(settings.resolved_models_dir),
+        SearchIndexes(repository, embedder, settings),
     )

@@ -14,6 +14,7 @@ from genome_service.services.bootstrap import Services
 from genome_service.services.creation import create_stream
 from genome_service.services.handler import Outcome
 from inference.lora.adapter import parse_adapter
+from rag.index import normalise
 
 
 class AdapterManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -33,6 +34,8 @@ class LayerDetails(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     license: str = ""
     public: bool = False
     parent_layer_id: str | None = None
+    # The owner's own vector for search, instead of one embedded from the text.
+    embedding: list[float] | None = None
 
 
 _manifest_encoder = msgspec.json.Encoder(order="sorted")
@@ -48,6 +51,9 @@ def register_layer(services: Services, owner: str, details: LayerDetails, files:
     info = parse_adapter(files, spec, max_rank=services.settings.max_lora_rank)
     manifest = AdapterManifest(info.format, {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())})
     manifest_bytes = _manifest_encoder.encode(manifest)
+    embedding = None
+    if details.embedding is not None:
+        embedding = tuple(normalise(details.embedding, services.search.embedder.dimension).tolist())
 
     def command(layer_id: str) -> RegisterLayer:
         return RegisterLayer(
@@ -55,7 +61,7 @@ def register_layer(services: Services, owner: str, details: LayerDetails, files:
             adapter_sha256=hashlib.sha256(manifest_bytes).hexdigest(), adapter_format=info.format, rank=info.rank,
             target_modules=info.target_modules, trait_type=details.trait_type, description=details.description,
             tags=tuple(details.tags), creator=details.creator or owner, license=details.license,
-            public=details.public, parent_layer_id=details.parent_layer_id,
+            public=details.public, parent_layer_id=details.parent_layer_id, embedding=embedding,
         )
 
     LAYER.decide(command("validation"), None)
