@@ -45,6 +45,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The openai backend's server, e.g. http://127.0.0.1:8080/v1 (vLLM, mlx_lm.server, Ollama).
     openai_base_url: str = ""
     openai_api_key: str = ""
+    # How the server takes a LoRA stack: vLLM's load_lora_adapter, or mlx_lm.server's per-request folder.
+    openai_adapter_protocol: Literal["vllm", "mlx-lm"] = "vllm"
     # How the openai backend hands the server a persona's LoRA stack: "vllm" registers a PEFT
     # folder (POST /v1/load_lora_adapter), "mlx-lm" passes an mlx-lm folder per request
     # (mlx_lm.server's `adapters`). Folders are written under openai_adapters_dir (default

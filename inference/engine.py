@@ -41,6 +41,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Token | Finish] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(order=True)
@@ -121,7 +122,7 @@ class Engine:
         await asyncio.gather(worker, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
-    async def stream(
+    def stream(
         self,
         messages: Sequence[ChatMessage],
         stack: LoraStack | None,
@@ -130,17 +131,21 @@ class Engine:
         priority: int = 0,
         timeout: float | None = None,
     ) -> AsyncIterator[Token | Finish]:
-        """Tokens then one Finish; raises `QueueFull` at once when the queue is full."""
+        """Queue the request now (raising `QueueFull` when full); iterate for Tokens then one Finish.
+
+        Higher `priority` runs first, then first come. Stop iterating (or `aclose()`) to cancel.
+        """
         if self._worker is None:
             raise EngineClosed("the inference engine is not running: start it first")
         if self._queue.qsize() >= self.max_queue:
             self.metrics.rejected.inc()
             raise QueueFull(f"the inference queue is full ({self.max_queue} requests waiting): retry later")
-        limit = self.timeout if timeout is None else timeout
         request = _Request(messages, stack, sampling, asyncio.get_running_loop())
-        submitted = time.perf_counter()
         self._queue.put_nowait(_Job((-priority, next(self._arrivals)), request))
-        deadline = request.loop.time() + limit
+        limit = self.timeout if timeout is None else timeout
+        return self._events(request, limit, request.loop.time() + limit)
+
+    async def _events(self, request: _Request, limit: float, deadline: float) -> AsyncIterator[Token | Finish]:
         first = True
         try:
             while True:
@@ -151,7 +156,7 @@ class Engine:
                     yield self._timed_out(limit)
                     return
                 if first and isinstance(event, Token):
-                    self.metrics.ttft.observe(time.perf_counter() - submitted)
+                    self.metrics.ttft.observe(time.perf_counter() - request.submitted)
                     first = False
                 yield event
                 if isinstance(event, Finish):
