@@ -47,7 +47,7 @@ SEED = 20260101
 MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", "25"))
 PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
-KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer"}
+KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge"}
 
 
 @schemathesis.check
