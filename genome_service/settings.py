@@ -47,11 +47,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     openai_api_key: str = ""
     # How the server takes a LoRA stack: vLLM's load_lora_adapter, or mlx_lm.server's per-request folder.
     openai_adapter_protocol: Literal["vllm", "mlx-lm"] = "vllm"
-    # How the openai backend hands the server a persona's LoRA stack: "vllm" registers a PEFT
-    # folder (POST /v1/load_lora_adapter), "mlx-lm" passes an mlx-lm folder per request
-    # (mlx_lm.server's `adapters`). Folders are written under openai_adapters_dir (default
-    # ``data_dir/served-adapters``), a path the server must be able to read as well.
-    openai_adapters: Literal["vllm", "mlx-lm"] = "vllm"
+    # Stacks are written there as adapter folders (PEFT for vLLM, mlx-lm otherwise); the server
+    # must be able to read the same path. Default: ``data_dir/served-adapters``.
     openai_adapters_dir: Path | None = None
     # Raw adapters kept decoded in memory (bytes), and assembled stacks kept (count).
     adapter_cache_bytes: int = 536_870_912
