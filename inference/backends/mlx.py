@@ -79,7 +79,9 @@ class MlxBackend:
         if not self._tokenizer.has_chat_template:
             raise ValueError(f"{path}: expected a tokenizer with a chat template, found none")
         # The Rust decoder directly: the same text as tokenizer.decode, a few us sooner per token.
-        self._decode = partial(self._tokenizer.backend_tokenizer.decode, skip_special_tokens=False)
+        # Control tokens (<|im_start|>, ...) are not answer text; the torch backend drops them too.
+        self._decode = partial(self._tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
+        self._context = self._model.args.max_position_embeddings or 0
         self._sites = _projection_sites(self._model)
         self._wrappers: dict[str, LoraLinear] = {}
         self._stacks: OrderedDict[str, Factors] = OrderedDict()
@@ -118,6 +120,13 @@ class MlxBackend:
         self, prompt: list[int], factors: Factors, sampling: Sampling, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
         guard = Guard(sampling, self._decode, self._tokenizer.eos_token_ids, len(prompt), self._repetition)
+        if self._context and len(prompt) + sampling.max_tokens > self._context:
+            # Past the trained context RoPE positions are extrapolated and the answer degrades.
+            yield guard.error(
+                f"prompt of {len(prompt)} tokens plus max_tokens {sampling.max_tokens} "
+                f"exceeds the model's context of {self._context}"
+            )
+            return
         steps = generate_step(
             mx.array(prompt), self._model, max_tokens=sampling.max_tokens, sampler=_sampler(sampling)
         )

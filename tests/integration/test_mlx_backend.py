@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.guards import RepetitionRule
 from inference.lora.adapter import PARENTS, Canonical
 from inference.lora.stack import LoraStack, StackLayer, assemble
-from inference.models import SMOLLM2_135M_INSTRUCT
+from inference.models import SMOLLM2_135M_INSTRUCT, ModelSpec
 
 pytest.importorskip("mlx_lm")
 
@@ -130,6 +130,16 @@ def test_switching_stacks_is_exact_both_ways_and_never_reloads(backend: MlxBacke
     assert backend.loads == 1
 
 
+def test_mlx_and_torch_backends_agree_on_logits_with_a_stack(backend: MlxBackend, tiny_model: Path) -> None:
+    from inference.backends.torch import TorchBackend
+
+    torch_backend = TorchBackend(tiny_model, device="cpu")
+    stack = assemble(scaled(three_layers(tiny_model), 10.0))
+    for maybe_stack in (None, stack):
+        got, expected = backend.logits(IDS, maybe_stack), torch_backend.logits(IDS, maybe_stack)
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+
+
 # --- generation ---------------------------------------------------------------------------
 
 
@@ -137,12 +147,14 @@ def test_greedy_without_a_stack_generates_what_mlx_lm_generate_does(backend: Mlx
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(tiny_model))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION[0].content}], add_generation_prompt=True)
+    chat = [{"role": m.role, "content": m.content} for m in QUESTION]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
     expected = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=40)]
     events = list(backend.generate(QUESTION, None, Sampling(max_tokens=40)))
     # Tokens carry text, so ids that end inside a character arrive with the next one; and
     # mlx-lm's streaming detokenizer drops the answer's leading space, the full decode keeps it.
-    assert "".join(t.text for t in events if isinstance(t, Token)) == tokenizer.decode(expected)
+    text = "".join(t.text for t in events if isinstance(t, Token))
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
     assert events[-1] == Finish("length", prompt_tokens=len(prompt), completion_tokens=40)
 
 
@@ -196,6 +208,12 @@ def test_overflowing_stack_ends_with_an_error_finish(
     assert events == [Finish("error", prompt_tokens, 0, "non-finite logits (NaN or Inf) at generated token 1")]
 
 
+def test_a_prompt_past_the_context_ends_with_an_error_finish(backend: MlxBackend, prompt_tokens: int) -> None:
+    events = list(backend.generate(QUESTION, None, Sampling(max_tokens=2048)))
+    expected = f"prompt of {prompt_tokens} tokens plus max_tokens 2048 exceeds the model's context of 2048"
+    assert events == [Finish("error", prompt_tokens, 0, expected)]
+
+
 # --- refusals -----------------------------------------------------------------------------
 
 
@@ -215,7 +233,9 @@ def one_layer_stack(canonical: Canonical) -> LoraStack:
     ],
     ids=["block out of range", "another model's shapes", "NaN"],
 )
-def test_bad_stacks_are_refused_before_generation(backend: MlxBackend, tiny_model: Path, canonical, message) -> None:  # type: ignore[no-untyped-def]
+def test_bad_stacks_are_refused_before_generation(
+    backend: MlxBackend, tiny_model: Path, canonical: Callable[[ModelSpec], Canonical], message: str
+) -> None:
     stack = one_layer_stack(canonical(tiny_spec(tiny_model)))
     with pytest.raises(StackMismatch, match=message):
         backend.generate(QUESTION, stack, Sampling())
@@ -229,3 +249,13 @@ def test_empty_chats_and_out_of_vocabulary_ids_are_refused(backend: MlxBackend, 
         backend.generate([], None, Sampling())
     with pytest.raises(ValueError, match=rf"expected ids in 0\.\.{vocab - 1}, got {vocab}"):
         backend.logits([1, vocab], None)
+
+
+# --- the real default model ---------------------------------------------------------------
+
+
+def test_the_default_model_answers_paris_greedily(default_model: Path) -> None:
+    backend = MlxBackend(default_model)
+    text, finish = text_and_finish(backend.generate(QUESTION, None, Sampling(max_tokens=40)))
+    assert "Paris" in text
+    assert finish.reason == "stop"
