@@ -99,3 +99,11 @@ def default_model() -> Path:
 
     folder, _ = pull_default(MODELS_DIR)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama folder (fixtures/make_model.py) that transformers and mlx-lm load."""
+    from fixtures.make_model import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fixtures.make_adapter import random_canonical
-from fixtures.make_model import make_tiny_llama, tiny_spec
+from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.guards import RepetitionRule
 from inference.lora.adapter import PARENTS, Canonical
@@ -23,11 +23,6 @@ from inference.backends.mlx import MlxBackend, StackMismatch  # noqa: E402
 QUESTION = [ChatMessage("user", "What is the capital of France?")]
 # "<|im_start|>user\nWhat is the capital of France?" in the tiny model's tokenizer.
 IDS = [2, 87, 85, 267, 201, 333, 273, 281, 275, 270, 298, 33]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fixtures.make_adapter import random_canonical
-from fixtures.make_model import make_tiny_llama, tiny_spec
+from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.lora.adapter import CONFIG_FILE, parse_adapter, to_canonical
 from inference.lora.stack import LoraStack, assemble
@@ -58,11 +58,6 @@ def wait_until_healthy(server: subprocess.Popen[bytes], url: str) -> None:
         output = server.stdout.read().decode(errors="replace") if server.stdout else ""
         raise RuntimeError(f"mlx_lm.server exited with {code} before it was healthy:\n{output[-3000:]}")
     raise RuntimeError(f"mlx_lm.server not healthy at {url} after {STARTUP_SECONDS} s")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,6 @@ from fixtures.make_model import make_tiny_llama, tiny_spec
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
 def test_same_seed_writes_the_same_weights_and_another_seed_does_not(tiny_model: Path, tmp_path: Path) -> None:
     def digest(folder: Path) -> str:
         return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
