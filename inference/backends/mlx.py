@@ -90,6 +90,8 @@ class MlxBackend:
         self._repetition = repetition
         # One model, many requests: a step's graph must be built with its own stack active.
         self._lock = threading.Lock()
+        # Requests arrive on several threads; the stack cache is shared (not held while decoding).
+        self._cache_lock = threading.Lock()
 
     @property
     def loads(self) -> int:
@@ -104,7 +106,7 @@ class MlxBackend:
     ) -> Iterator[Token | Finish]:
         """Yield Tokens, then one Finish; a bad stack or empty chat raises here, before any token."""
         factors = self._factors(stack)
-        prompt = self._prompt(messages)
+        prompt = self.encode_chat(messages)
         return self._stream(prompt, factors, sampling, cancelled)
 
     def logits(self, token_ids: Sequence[int], stack: LoraStack | None) -> np.ndarray:
@@ -147,7 +149,16 @@ class MlxBackend:
                 yield finish
                 return
 
-    def _prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+    # --- helpers the engine, CLI and benchmark share (as on the torch backend) -------------
+
+    def activate(self, stack: LoraStack | None) -> None:
+        """Point the model at `stack` (None: the plain base) between requests; cheap once cached."""
+        factors = self._factors(stack)
+        with self._lock:
+            self._activate(factors)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt ids: the tokenizer's chat template with the assistant turn opened."""
         if not messages:
             raise ValueError("messages: expected at least one message, got none")
         chat = [msgspec.structs.asdict(message) for message in messages]
@@ -168,15 +179,16 @@ class MlxBackend:
     def _factors(self, stack: LoraStack | None) -> Factors:
         if stack is None:
             return {}
-        cached = self._stacks.get(stack.key)
-        if cached is not None:
-            self._stacks.move_to_end(stack.key)
-            return cached
-        factors = self._convert(stack)
-        self._stacks[stack.key] = factors
-        if len(self._stacks) > self._stack_cache_size:
-            self._stacks.popitem(last=False)
-        return factors
+        with self._cache_lock:
+            cached = self._stacks.get(stack.key)
+            if cached is not None:
+                self._stacks.move_to_end(stack.key)
+                return cached
+            factors = self._convert(stack)
+            self._stacks[stack.key] = factors
+            if len(self._stacks) > self._stack_cache_size:
+                self._stacks.popitem(last=False)
+            return factors
 
     def _convert(self, stack: LoraStack) -> Factors:
         factors: Factors = {}

@@ -31,14 +31,22 @@ def backend(tiny_model: Path) -> MlxBackend:
 
 
 @pytest.fixture(scope="module")
-def prompt_tokens(tiny_model: Path) -> int:
-    """How many tokens QUESTION is after the chat template."""
+def prompt_ids(tiny_model: Path) -> list[int]:
+    """QUESTION through the chat template, by transformers."""
     from transformers import AutoTokenizer
 
     chat = [{"role": m.role, "content": m.content} for m in QUESTION]
-    ids = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
-    assert ids[: len(IDS)] == IDS
-    return len(ids)
+    return AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def prompt_tokens(prompt_ids: list[int]) -> int:
+    return len(prompt_ids)
+
+
+def test_the_prompt_is_the_chat_template_as_transformers_renders_it(backend: MlxBackend, prompt_ids: list[int]) -> None:
+    assert backend.encode_chat(QUESTION) == prompt_ids
+    assert prompt_ids[: len(IDS)] == IDS
 
 
 def three_layers(model: Path) -> list[StackLayer]:
@@ -121,6 +129,7 @@ def test_switching_stacks_is_exact_both_ways_and_never_reloads(backend: MlxBacke
     with_second = backend.logits(IDS, second)
     assert np.abs(with_first - with_second).max() > 0.1
     np.testing.assert_array_equal(backend.logits(IDS, first), with_first)
+    backend.activate(second)  # what the engine does between requests
     np.testing.assert_array_equal(backend.logits(IDS, None), base)
     assert backend.loads == 1
 
