@@ -79,7 +79,11 @@ class OpenAIBackend:
             raise ValueError(f"adapters: expected 'vllm' or 'mlx-lm', got {adapters!r}")
         if not model:
             raise ValueError("model: expected the server's base model name, got an empty string")
-        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        # The client refuses an empty key; servers run without auth (vLLM with no --api-key,
+        # mlx_lm.server) ignore the header, and vLLM's docs use "EMPTY" for exactly this.
+        self._client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=max_retries
+        )
         self._base_url = base_url
         self._model = model
         self._protocol: AdapterProtocol = adapters
@@ -160,7 +164,7 @@ class OpenAIBackend:
             finish = Finish("stop", prompt_tokens, completion_tokens)
         else:
             text += stops.flush()
-            finish = _finish(choice.finish_reason, prompt_tokens, completion_tokens)
+            finish = self._finish(choice.finish_reason, prompt_tokens, completion_tokens)
         return iter([Token(text, UNKNOWN_TOKEN_ID), finish] if text else [finish])
 
     def _chunks(self, chunks: Any, stops: StopMatcher, cancelled: Callable[[], bool]) -> Iterator[Token | Finish]:
@@ -194,7 +198,17 @@ class OpenAIBackend:
         tail = stops.flush()
         if tail:
             yield Token(tail, UNKNOWN_TOKEN_ID)
-        yield _finish(reason, prompt_tokens or 0, completion_tokens if completion_tokens is not None else pieces)
+        yield self._finish(reason, prompt_tokens or 0, completion_tokens if completion_tokens is not None else pieces)
+
+    def _finish(self, reason: str | None, prompt_tokens: int, completion_tokens: int) -> Finish:
+        if reason in _FINISH_REASONS:
+            return Finish(_FINISH_REASONS[reason], prompt_tokens, completion_tokens)
+        if reason is None:
+            # A server that closes the connection (crash, restart) can end the body cleanly.
+            error = f"{self._base_url}: the answer ended without a finish_reason (connection closed mid-answer)"
+        else:
+            error = f"{self._base_url}: the answer ended with finish_reason {reason!r}, expected 'stop' or 'length'"
+        return Finish("error", prompt_tokens, completion_tokens, error)
 
     # --- adapters ----------------------------------------------------------------------
 
@@ -262,10 +276,3 @@ def _refused_or_unavailable(base_url: str, exc: openai.APIStatusError, model: st
     if exc.status_code >= 500:
         return ServerUnavailable(message)
     return ServerRefused(exc.status_code, message)
-
-
-def _finish(reason: str | None, prompt_tokens: int, completion_tokens: int) -> Finish:
-    if reason in _FINISH_REASONS:
-        return Finish(_FINISH_REASONS[reason], prompt_tokens, completion_tokens)
-    error = f"server ended the answer with finish_reason {reason!r}, expected 'stop' or 'length'"
-    return Finish("error", prompt_tokens, completion_tokens, error)

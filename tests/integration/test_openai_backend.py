@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +61,25 @@ def wait_until_healthy(server: subprocess.Popen[bytes], url: str) -> None:
     raise RuntimeError(f"mlx_lm.server not healthy at {url} after {STARTUP_SECONDS} s")
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_model: Path) -> Iterator[str]:
+@contextmanager
+def serving(model: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real mlx_lm.server for `model` on a free loopback port: (process, base url)."""
     port = free_port()
-    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(tiny_model), "--port", str(port)]
+    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
     try:
         wait_until_healthy(server, f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}/v1"
+        yield server, f"http://127.0.0.1:{port}/v1"
     finally:
-        server.terminate()
+        server.kill()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model: Path) -> Iterator[str]:
+    with serving(tiny_model) as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,7 @@ def local(tiny_model: Path) -> MlxBackend:
 def remote(url: str, model: Path, adapters_dir: Path, *, stream: bool = True) -> OpenAIBackend:
     # mlx_lm.server applies per-request adapters only to a model named by its path.
     return OpenAIBackend(
-        url, "unused", str(model), adapters="mlx-lm", adapters_dir=adapters_dir, stream=stream, max_retries=0
+        url, "", str(model), adapters="mlx-lm", adapters_dir=adapters_dir, stream=stream, max_retries=0
     )
 
 
@@ -157,6 +165,18 @@ def test_seeded_sampling_is_repeatable_on_the_server(server_url: str, tiny_model
         return text_and_finish(backend.generate(QUESTION, None, Sampling(temperature=1.0, seed=seed, max_tokens=16)))[0]
 
     assert sample(3) == sample(3) != sample(4)
+
+
+def test_a_server_that_dies_mid_answer_ends_it_with_an_error_finish(tiny_model: Path, tmp_path: Path) -> None:
+    with serving(tiny_model) as (server, url):
+        events = remote(url, tiny_model, tmp_path).generate(QUESTION, None, Sampling(max_tokens=2000))
+        first = next(events)
+        server.kill()
+        rest = list(events)
+    assert isinstance(first, Token)
+    finish = rest[-1]
+    assert isinstance(finish, Finish) and finish.reason == "error" and finish.error
+    assert url in finish.error and finish.completion_tokens < 2000
 
 
 def test_an_unknown_model_is_refused_before_any_token(server_url: str, tmp_path: Path) -> None:
