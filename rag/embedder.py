@@ -85,7 +85,8 @@ class SentenceTransformerEmbedder:
         os.environ["HF_HUB_OFFLINE"] = "1"
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(str(self.model_dir or default_model_dir()), device="cpu")
+        model = SentenceTransformer(str(self.model_dir or default_model_dir()), device="cpu")
+        return model.eval()  # no dropout: ``forward`` is called directly, not through ``encode``
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])

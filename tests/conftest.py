@@ -19,6 +19,7 @@ from genome_service.eventstore.database import Database
 from genome_service.eventstore.migrations import upgrade
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
+from rag.embedder import SentenceTransformerEmbedder
 
 # One converted default model per machine, shared by every test run: `scripts/test` pulls
 # it here first (GENOME_MODELS_DIR overrides), so no test converts the GGUF itself.
@@ -107,3 +108,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fixtures.make_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def embedder() -> SentenceTransformerEmbedder:
+    """The bundled embedding model, loaded once for every test of the session that needs it."""
+    return SentenceTransformerEmbedder()

@@ -27,12 +27,6 @@ from rag.index import VectorIndex
 QUERIES = ("math tutor", "a poet with a warm voice", "ethics of medicine", "layer 7", "cooking", "tags: tutor")
 
 
-@pytest.fixture(scope="session")
-def embedder() -> SentenceTransformerEmbedder:
-    """One loaded model for every test of the session."""
-    return SentenceTransformerEmbedder()
-
-
 @pytest.fixture
 def searchable(database, tmp_path: Path, embedder: SentenceTransformerEmbedder) -> Iterator[Services]:  # type: ignore[no-untyped-def]
     settings = Settings(data_dir=tmp_path, database_url=database.url, index_exact_below=16, index_save_every=7)
