@@ -52,6 +52,11 @@ class LoraLinear(nn.Module):
         self.a_t = mx.zeros((0,))
         self.b_t = mx.zeros((0,))
 
+    def use(self, a_t: mx.array, b_t: mx.array) -> None:
+        # Item assignment is what nn.Module's __setattr__ ends in for arrays (a Module is a
+        # dict), without its attribute probing: a switch does this for every projection.
+        self["a_t"], self["b_t"] = a_t, b_t
+
     def __call__(self, x: mx.array) -> mx.array:
         # One fused multiply-add instead of a matmul and an add: fewer ops per token.
         return mx.addmm(self.base(x), x @ self.a_t, self.b_t)
@@ -226,8 +231,9 @@ class MlxBackend:
             wrapper = self._wrappers.get(key)
             if wrapper is None:
                 wrapper = self._wrappers[key] = LoraLinear(base)
-            wrapper.a_t, wrapper.b_t = a_t, b_t
-            setattr(parent, attr, wrapper)
+            wrapper.use(a_t, b_t)
+            if parent.get(attr) is not wrapper:
+                setattr(parent, attr, wrapper)
         self._active = factors
 
 
