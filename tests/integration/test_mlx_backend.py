@@ -170,6 +170,17 @@ def test_greedy_with_a_stack_differs_and_is_repeatable(backend: MlxBackend, tiny
     assert once == again and once != plain
 
 
+def test_a_worker_thread_generates_what_the_loading_thread_does(backend: MlxBackend) -> None:
+    # The engine decodes on its own thread; mlx streams are per thread.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def answer() -> tuple[str, Finish]:
+        return text_and_finish(backend.generate(QUESTION, None, Sampling(max_tokens=20)))
+
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        assert worker.submit(answer).result() == answer()
+
+
 def test_a_seed_fixes_sampled_tokens_and_another_seed_changes_them(backend: MlxBackend) -> None:
     def sample(seed: int, top_p: float = 1.0) -> list[int]:
         sampling = Sampling(temperature=1.0, top_p=top_p, seed=seed, max_tokens=30)
