@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fixtures.make_model import make_tiny_llama
 from inference.backends.base import ChatMessage, Finish, Sampling, Token, never_cancelled
 from inference.backends.torch import TorchBackend
 from inference.engine import Engine, EngineClosed, QueueFull
@@ -52,8 +52,8 @@ class Gated:
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> TorchBackend:
-    return TorchBackend(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")), device="cpu")
+def backend(tiny_model: Path) -> TorchBackend:
+    return TorchBackend(tiny_model, device="cpu")
 
 
 def sample(engine: Engine, name: str, labels: dict[str, str] | None = None) -> float:

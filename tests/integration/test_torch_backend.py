@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixtures.make_adapter import random_canonical
-from fixtures.make_model import make_tiny_llama, tiny_spec
+from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.backends.torch import StackMismatch, TorchBackend
 from inference.engine import Engine
@@ -21,11 +21,6 @@ from inference.lora.stack import LoraStack, StackLayer, assemble
 
 QUESTION = [ChatMessage("user", "What is the capital of France?")]
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
