@@ -84,7 +84,9 @@ class SentenceTransformerEmbedder:
         # Offline before the first import: the hub client reads it when it is imported.
         os.environ["HF_HUB_OFFLINE"] = "1"
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a weight-loading bar on a server's stderr is noise
         model = SentenceTransformer(str(self.model_dir or default_model_dir()), device="cpu")
         return model.eval()  # no dropout: ``forward`` is called directly, not through ``encode``
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 
 from genome_service.domain.genome import GENOME, AttachLayer, CreateGenome, LayerFacts
 from genome_service.domain.layer import LAYER, RegisterLayer, TraitType
@@ -41,3 +45,21 @@ def create_persona_with_genome(services: Services, persona_id: str, genome_id: s
 
 def attach(services: Services, genome_id: str, layer: LayerFacts, weight: float = 0.5) -> None:
     services.commands.execute(GENOME, genome_id, AttachLayer(layer, weight))
+
+
+def run_until_killed(script: str, lines: int) -> list[str]:
+    """Run ``script`` in a fresh Python process and SIGKILL it once it has printed ``lines`` lines."""
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    printed: list[str] = []
+    try:
+        assert writer.stdout is not None
+        for line in writer.stdout:
+            printed.append(line)
+            if len(printed) == lines:
+                os.kill(writer.pid, signal.SIGKILL)
+                break
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL, f"the writer exited by itself ({writer.returncode}) after {len(printed)} lines"
+    return printed

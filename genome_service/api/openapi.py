@@ -33,6 +33,7 @@ _READ_ERRORS = {400: "Malformed request", 401: "Missing, unknown or revoked API 
 _WRITE_ERRORS = _READ_ERRORS | {403: "Only the owner may change it", 409: "The resource's state forbids it",
                                 412: "If-Match names a stale version", 413: "Body too large",
                                 415: "Wrong content type", 422: "A domain rule or the adapter refused it"}
+_SEARCH_ERRORS = {422: "Empty query text, k out of range, or a vector of the wrong dimension, not finite or zero"}
 
 
 def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.Struct]]) -> None:
@@ -58,6 +59,8 @@ def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.S
                 continue
             operation.security = [{"apiKey": []}]
             errors = _READ_ERRORS if method == "get" else _WRITE_ERRORS
+            if path.endswith("/search"):
+                errors = errors | _SEARCH_ERRORS
             responses = dict(operation.responses or {})
             for status, description in errors.items():
                 responses[str(status)] = OpenAPIResponse(

@@ -27,7 +27,7 @@ from litestar.types import Empty
 from genome_service.api.auth import Caller
 from genome_service.api.conventions import Page, command_metadata
 from genome_service.api.errors import NotFound
-from genome_service.api.layers import Layer, _from_row, _multipart_only, _uploaded_files
+from genome_service.api.layers import Layer, _from_row, _uploaded_files
 from genome_service.api.resources import MAX_PAGE, caller_of, page, visible_row, with_etag
 from genome_service.domain.knowledge import KNOWLEDGE, RemoveKnowledge
 from genome_service.domain.layer import TraitType
@@ -127,7 +127,7 @@ class LayerSearchController(Controller):
 
     @get("/", operation_id="searchLayersByText", sync_to_thread=True)
     def by_text(
-        self, request: Request[Any, Any, Any], services: Services, q: str | None = None, k: int = 10,
+        self, request: Request[Any, Any, Any], services: Services, q: str, k: int = 10,
         trait_type: TraitType | None = None, base_model: str | None = None,
     ) -> LayerMatches:
         """Layers the caller may see, most similar to the text `q` first (cosine scores)."""
@@ -184,7 +184,7 @@ class KnowledgeController(Controller):
         outcome = add_knowledge(services, owner, persona_id, data.title, data.media_type, data.text, command_metadata(request, owner))
         return self._created(services, outcome.aggregate.stream_id)
 
-    @post("/documents", operation_id="uploadKnowledge", status_code=HTTP_201_CREATED, sync_to_thread=True, guards=[_multipart_only])
+    @post("/documents", operation_id="uploadKnowledge", status_code=HTTP_201_CREATED, sync_to_thread=True)
     def upload(
         self, request: Request[Any, Any, Any], services: Services, persona_id: str,
         data: Annotated[dict[str, Any], Body(media_type=RequestEncodingType.MULTI_PART)],
@@ -227,7 +227,7 @@ class KnowledgeController(Controller):
 
     @get("/search", operation_id="searchKnowledge", sync_to_thread=True)
     def search(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: str, q: str | None = None, k: int = 5,
+        self, request: Request[Any, Any, Any], services: Services, persona_id: str, q: str, k: int = 5,
         max_tokens: int | None = None, mmr: float | None = None,
     ) -> list[KnowledgePassage]:
         """The persona's chunks most relevant to `q`: top k, within `max_tokens`, diversified by MMR (`mmr` = lambda)."""

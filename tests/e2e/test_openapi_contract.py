@@ -223,10 +223,11 @@ def test_unknown_ids_are_404_problem_details_everywhere(server: Server, subtests
         names = [parameter.name for parameter in operation.path_parameters]
         if not names:
             continue
-        body = {"name": "x", "layer_id": "no-such-layer", "genome_id": "no-such-genome", "layers": []}
+        body = {"name": "x", "text": "x", "layer_id": "no-such-layer", "genome_id": "no-such-genome", "layers": []}
         fields = declared_body_fields(schema, operation)
         case = operation.Case(
             path_parameters={name: f"no-such-{KINDS[name]}" for name in names},
+            query={parameter.name: "x" for parameter in operation.query if parameter.is_required} or None,
             body={k: v for k, v in body.items() if k in fields} if fields is not None else NOT_SET,
         )
         with subtests.test(msg=operation.label):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
+from factories import run_until_killed
 from test_aggregates_and_projections import read_model_rows
 
 from genome_service.services.bootstrap import Services
@@ -30,19 +27,7 @@ for n in range(1_000_000):
 
 def test_every_reported_append_survives_sigkill_and_a_rebuild_equals_the_live_read_models(services: Services) -> None:
     script = WRITER.format(tests=str(Path(__file__).parents[1]), url=services.database.url)
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    reported: list[int] = []
-    try:
-        assert writer.stdout is not None
-        for line in writer.stdout:
-            reported.append(int(line.split()[1]))
-            if len(reported) == 40:
-                os.kill(writer.pid, signal.SIGKILL)
-                break
-    finally:
-        writer.kill()
-        writer.wait(timeout=30)
-    assert writer.returncode == -signal.SIGKILL
+    reported = [int(line.split()[1]) for line in run_until_killed(script, 40)]
 
     last = services.store.last_position()
     assert last >= reported[-1]

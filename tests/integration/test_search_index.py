@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
-from factories import register_layer
+from factories import register_layer, run_until_killed
+from test_aggregates_and_projections import read_model_rows
 
 from genome_service.domain.knowledge import KNOWLEDGE, RemoveKnowledge
 from genome_service.domain.layer import LAYER, ChangeLayerDetails, DeprecateLayer
@@ -63,6 +60,10 @@ def test_knowledge_is_searched_per_persona_and_a_removed_document_leaves_at_once
     assert len(hits) == len(cats.aggregate.state.chunks) > 1  # chunked with overlap
     searchable.commands.execute(KNOWLEDGE, cats.aggregate.stream_id, RemoveKnowledge())
     assert searchable.search.current().search_knowledge(search.query_vector("why do cats purr"), 10, "p1") == []
+    live = read_model_rows(searchable)
+    assert len(live["knowledge"]) == 2 and len(live["knowledge_chunks"]) == 1  # a removed document keeps no text
+    searchable.projector.rebuild()
+    assert read_model_rows(searchable) == live
 
 
 WRITER = """
@@ -91,17 +92,7 @@ def test_an_index_killed_mid_write_then_loaded_and_caught_up_answers_like_a_rebu
 ) -> None:
     data = tmp_path / "writer"
     script = WRITER.format(tests=str(Path(__file__).parents[1]), url=searchable.database.url, data=str(data))
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout is not None
-        for count, _ in enumerate(writer.stdout, start=1):
-            if count == 45:  # past the switch to HNSW (16), with tombstones and public flips
-                os.kill(writer.pid, signal.SIGKILL)
-                break
-    finally:
-        writer.kill()
-        writer.wait(timeout=30)
-    assert writer.returncode == -signal.SIGKILL
+    run_until_killed(script, 45)  # past the switch to HNSW (16), with tombstones and public flips
     register_layer(searchable, "after-the-crash")  # the log moved on past the last save
 
     settings = msgspec.structs.replace(searchable.settings, index_dir=data / "index")
