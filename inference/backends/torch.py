@@ -61,6 +61,52 @@ class LoraLinear(nn.Module):
         return F.linear(x, self.base.weight, self.base.bias) + F.linear(F.linear(x, self.a), self.b)
 
 
+class PromptCache:
+    """The keys and values of the last prompt run under each stack, bounded by bytes.
+
+    A chat's next prompt repeats the last one's beginning (system prompt, earlier turns),
+    so only the rest is computed. The entries are keyed by stack: a LoRA on q/k/v changes
+    every key and value after the first block. Stored tensors are never written again
+    (the cache only ever concatenates into new ones), so keeping references is enough.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str | None, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]], int]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
+        self.reused_tokens = 0  # prompt tokens not computed again, over all requests
+
+    def restore(self, key: str | None, ids: list[int], cache: object) -> int:
+        """Fill `cache` with the longest reusable beginning of `ids`; return its length."""
+        found = self._entries.get(key)
+        if found is None:
+            return 0
+        previous, layers, _ = found
+        same = next((i for i, (a, b) in enumerate(zip(previous, ids, strict=False)) if a != b), min(len(previous), len(ids)))
+        # The prompt's last token always runs: its logits give the first answer token.
+        reuse = min(same, len(ids) - 1)
+        if reuse > 0:
+            self.reused_tokens += reuse
+            self._entries.move_to_end(key)
+            for index, (keys, values) in enumerate(layers):
+                cache.update(keys[..., :reuse, :], values[..., :reuse, :], index)  # type: ignore[attr-defined]
+        return reuse
+
+    def store(self, key: str | None, ids: list[int], cache: object) -> None:
+        layers = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[attr-defined]
+        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        if key in self._entries:
+            self._bytes -= self._entries.pop(key)[2]
+        if size > self.max_bytes:
+            return
+        self._entries[key] = (list(ids), layers, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            self._bytes -= self._entries.popitem(last=False)[1][2]
+
+
 class TorchBackend:
     """A transformers causal LM loaded once; `generate` and `logits` take any LoRA stack."""
 
@@ -73,6 +119,7 @@ class TorchBackend:
         device: str = "auto",
         dtype: torch.dtype | None = None,
         stack_cache_size: int = 16,
+        prompt_cache_bytes: int = 268_435_456,
         repetition: RepetitionRule | None = None,
     ) -> None:
         self.folder = Path(folder)
@@ -84,6 +131,7 @@ class TorchBackend:
         self._lock = threading.Lock()
         self._converted: OrderedDict[str, Factors] = OrderedDict()
         self._active: str | None = None
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
         self._loads = 0
         self._load()
 
@@ -157,16 +205,18 @@ class TorchBackend:
             return
         with self._lock:
             self._activate(stack)
-            yield from self._decode_loop(ids, sampling, guard, cancelled)
+            yield from self._decode_loop(ids, stack.key if stack else None, sampling, guard, cancelled)
 
     def _decode_loop(
-        self, ids: list[int], sampling: Sampling, guard: Guard, cancelled: Callable[[], bool]
+        self, ids: list[int], key: str | None, sampling: Sampling, guard: Guard, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self._model.config)
+        reused = self.prompt_cache.restore(key, ids, cache)
         generator = self._generator(sampling.seed)
-        inputs = torch.tensor([ids], device=self.device)
+        inputs = torch.tensor([ids[reused:]], device=self.device)
+        prefill = True
         while True:
             if cancelled():
                 yield guard.cancel()
@@ -175,6 +225,9 @@ class TorchBackend:
             if not bool(torch.isfinite(logits).all()):
                 yield guard.nonfinite()
                 return
+            if prefill:
+                self.prompt_cache.store(key, ids, cache)
+                prefill = False
             token_id = _sample(logits, sampling, generator)
             tokens, finish = guard.push(token_id)
             yield from tokens

@@ -175,6 +175,20 @@ def test_100_alternating_requests_load_the_base_once_and_match_fresh_loads(tiny_
     assert shared.loads == 1
 
 
+def test_a_prompt_that_repeats_the_last_ones_beginning_reuses_its_keys_and_values_exactly(tiny_model: Path) -> None:
+    system = ChatMessage("system", "You are a helpful assistant. Answer the question briefly and truthfully.")
+    chats = [[system, ChatMessage("user", question)] for question in ("Hello!", "What is the capital of Italy?")]
+    stack = assemble(scaled(three_layers(tiny_model, seed=30), 10.0))
+    cached = TorchBackend(tiny_model, device="cpu")
+    uncached = TorchBackend(tiny_model, device="cpu", prompt_cache_bytes=0)
+    sampling = Sampling(max_tokens=10)
+    for chat, layers in [(chats[0], stack), (chats[1], stack), (chats[1], None), (chats[0], None), (chats[0], stack)]:
+        assert collect(cached.generate(chat, layers, sampling)) == collect(uncached.generate(chat, layers, sampling))
+    # The second chat under the stack reuses the shared system turn; the last repeats a whole prompt.
+    assert cached.prompt_cache.reused_tokens >= 2 * len(cached.encode_chat([system]))
+    assert uncached.prompt_cache.reused_tokens == 0
+
+
 def test_a_seed_fixes_sampled_tokens_and_another_seed_changes_them(backend: TorchBackend) -> None:
     def sample(seed: int, top_p: float = 1.0) -> str:
         return collect(backend.generate(QUESTION, None, Sampling(temperature=1.0, top_p=top_p, seed=seed, max_tokens=16)))[0]
