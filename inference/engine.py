@@ -42,6 +42,7 @@ class _Request:
     events: asyncio.Queue[Token | Finish] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    timed_out: bool = False  # its Finish was already counted, as the timeout's error
 
 
 @dataclass(order=True)
@@ -152,6 +153,7 @@ class Engine:
                 try:
                     event = await asyncio.wait_for(request.events.get(), deadline - request.loop.time())
                 except TimeoutError:
+                    request.timed_out = True
                     request.cancel.set()
                     yield self._timed_out(limit)
                     return
@@ -212,7 +214,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a backend failure ends this request, not the engine
             finish = Finish("error", 0, 0, f"{type(exc).__name__}: {exc}")
             request.loop.call_soon_threadsafe(request.events.put_nowait, finish)
-        if finish is not None:
+        if finish is not None and not request.timed_out:
             self._record(finish, time.perf_counter() - started)
 
     def _record(self, finish: Finish, seconds: float) -> None:

@@ -139,6 +139,23 @@ def test_a_request_past_its_timeout_ends_with_an_error_and_never_runs(backend: T
     assert gated.calls == 2
 
 
+def test_a_running_request_past_its_timeout_ends_with_one_timeout_error(backend: TorchBackend) -> None:
+    gated = Gated(backend)
+
+    async def run() -> tuple[Finish, float, float]:
+        async with Engine(gated) as engine:
+            events = engine.stream(QUESTION, None, Sampling(max_tokens=500), timeout=0.01)
+            await asyncio.to_thread(gated.entered.wait)  # running, held at the gate past its timeout
+            _, finish = await drain(events)
+            gated.gate.set()
+            await drain(engine.stream(QUESTION, None, SHORT))  # one worker: the first has ended
+            errors = sample(engine, "genome_inference_requests_total", {"reason": "error"})
+            return finish, errors, sample(engine, "genome_inference_requests_total", {"reason": "cancelled"})
+
+    finish, errors, cancelled = asyncio.run(run())
+    assert finish.error == "request timed out after 0.01 s" and (errors, cancelled) == (1.0, 0.0)
+
+
 def test_a_dropped_client_cancels_its_generation(backend: TorchBackend) -> None:
     async def run() -> tuple[float, int]:
         async with Engine(backend) as engine:
