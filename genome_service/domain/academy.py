@@ -14,7 +14,9 @@ from genome_service.domain.common import (
     require_exists,
     require_new,
     require_text,
+    require_weight,
 )
+from genome_service.domain.layer import TraitType, TrainingMetrics
 
 STREAM_TYPE = "academy_session"
 MAX_BUDGET_STEPS = 100_000
@@ -39,6 +41,37 @@ TRANSITIONS = {
 }
 
 
+class TaskAction(enum.StrEnum):
+    USE = "use"  # an existing layer is close enough: attach it as is
+    REFINE = "refine"  # a layer is near: train a child of it
+    TRAIN = "train"  # nothing is close: train from scratch
+
+
+class Difficulty(enum.StrEnum):
+    BEGINNER = "beginner"
+    INTERMEDIATE = "intermediate"
+    ADVANCED = "advanced"
+
+
+# The curriculum level an example is tagged with: harder challenges come later in training.
+LEVELS = {Difficulty.BEGINNER: 1, Difficulty.INTERMEDIATE: 2, Difficulty.ADVANCED: 3}
+MAX_CHALLENGES = 1_000
+MAX_TASKS = 16
+
+
+class PlanTask(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    trait_type: TraitType
+    action: TaskAction
+    layer_id: str | None = None  # the layer used or refined
+    similarity: float | None = None  # of that layer to the goal
+
+
+class ExampleMessage(msgspec.Struct, frozen=True, gc=False):
+    role: str  # system, user or assistant
+    content: str
+
+
 # Events
 class AcademySessionStarted(msgspec.Struct, frozen=True, gc=False, tag=True):
     session_id: str
@@ -55,7 +88,79 @@ class SessionStatusChanged(msgspec.Struct, frozen=True, gc=False, tag=True):
     reason: str = ""
 
 
-AcademyEvent = AcademySessionStarted | SessionStatusChanged
+class PlanMade(msgspec.Struct, frozen=True, gc=False, tag=True):
+    tasks: tuple[PlanTask, ...]
+
+
+class ChallengeGenerated(msgspec.Struct, frozen=True, gc=False, tag=True):
+    challenge_id: str
+    trait_type: TraitType
+    difficulty: Difficulty
+    prompt: str
+    criteria: tuple[str, ...] = ()
+    task_id: str | None = None
+
+
+class ResponseScored(msgspec.Struct, frozen=True, gc=False, tag=True):
+    challenge_id: str
+    response: str
+    score: float  # 0..100
+    rationale: str
+    judge: str  # "model", "heuristic" or "client"
+
+
+class ExampleKept(msgspec.Struct, frozen=True, gc=False, tag=True):
+    challenge_id: str
+    messages: tuple[ExampleMessage, ...]
+    level: int
+
+
+class TrainingProgressed(msgspec.Struct, frozen=True, gc=False, tag=True):
+    """Steps up to `step` are done and checkpointed: a resumed run starts after it."""
+
+    task_id: str
+    step: int
+    loss: float
+    learning_rate: float
+
+
+class LayerProduced(msgspec.Struct, frozen=True, gc=False, tag=True):
+    task_id: str
+    layer_id: str
+    weight: float
+    data_sha256: str
+    metrics: TrainingMetrics
+    parent_layer_id: str | None = None
+
+
+class LayerReused(msgspec.Struct, frozen=True, gc=False, tag=True):
+    task_id: str
+    layer_id: str
+    weight: float
+
+
+AcademyEvent = (
+    AcademySessionStarted
+    | SessionStatusChanged
+    | PlanMade
+    | ChallengeGenerated
+    | ResponseScored
+    | ExampleKept
+    | TrainingProgressed
+    | LayerProduced
+    | LayerReused
+)
+
+
+class Challenge(msgspec.Struct, frozen=True, gc=False):
+    challenge_id: str
+    trait_type: TraitType
+    difficulty: Difficulty
+    prompt: str
+    criteria: tuple[str, ...]
+    task_id: str | None
+    score: float | None = None
+    kept: bool = False
 
 
 # State
@@ -69,6 +174,21 @@ class AcademySession(msgspec.Struct, frozen=True, gc=False):
     budget_seconds: float
     status: SessionStatus = SessionStatus.PENDING
     reason: str = ""
+    tasks: tuple[PlanTask, ...] | None = None  # None until planned
+    challenges: tuple[Challenge, ...] = ()
+    examples: int = 0
+    trained_steps: tuple[tuple[str, int], ...] = ()  # (task id, last checkpointed step)
+    loss: float | None = None  # the latest training loss
+    finished_tasks: tuple[tuple[str, str], ...] = ()  # (task id, layer id) produced or reused
+
+    def challenge(self, challenge_id: str) -> Challenge | None:
+        return next((c for c in self.challenges if c.challenge_id == challenge_id), None)
+
+    def task(self, task_id: str) -> PlanTask | None:
+        return next((t for t in self.tasks or () if t.task_id == task_id), None)
+
+    def last_step(self, task_id: str) -> int:
+        return dict(self.trained_steps).get(task_id, 0)
 
 
 # Commands
@@ -87,7 +207,67 @@ class ChangeSessionStatus(msgspec.Struct, frozen=True, gc=False):
     reason: str = ""
 
 
-AcademyCommand = StartAcademySession | ChangeSessionStatus
+class MakePlan(msgspec.Struct, frozen=True, gc=False):
+    tasks: tuple[PlanTask, ...]
+
+
+class RecordChallenge(msgspec.Struct, frozen=True, gc=False):
+    challenge_id: str
+    trait_type: TraitType
+    difficulty: Difficulty
+    prompt: str
+    criteria: tuple[str, ...] = ()
+    task_id: str | None = None
+
+
+class ScoreResponse(msgspec.Struct, frozen=True, gc=False):
+    challenge_id: str
+    response: str
+    score: float
+    rationale: str
+    judge: str
+
+
+class KeepExample(msgspec.Struct, frozen=True, gc=False):
+    challenge_id: str
+    messages: tuple[ExampleMessage, ...]
+
+
+class RecordTrainingProgress(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    step: int
+    loss: float
+    learning_rate: float
+
+
+class RecordLayerProduced(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    layer_id: str
+    weight: float
+    data_sha256: str
+    metrics: TrainingMetrics
+    parent_layer_id: str | None = None
+
+
+class RecordLayerReused(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    layer_id: str
+    weight: float
+
+
+AcademyCommand = (
+    StartAcademySession
+    | ChangeSessionStatus
+    | MakePlan
+    | RecordChallenge
+    | ScoreResponse
+    | KeepExample
+    | RecordTrainingProgress
+    | RecordLayerProduced
+    | RecordLayerReused
+)
+JUDGES = ("model", "heuristic", "client")
+ROLES = ("system", "user", "assistant")
 
 
 def decide(command: AcademyCommand, state: AcademySession | None) -> list[AcademyEvent]:
@@ -112,6 +292,52 @@ def decide(command: AcademyCommand, state: AcademySession | None) -> list[Academ
                 f"session {state.session_id} cannot go from {state.status.value} to {status.value}",
             )
             return [SessionStatusChanged(status, reason)]
+    require(
+        state.status not in TERMINAL,
+        "session_finished",
+        f"session {state.session_id} is {state.status.value} and can no longer change",
+    )
+    match command:
+        case MakePlan(tasks=tasks):
+            require(state.tasks is None, "plan_exists", f"session {state.session_id} already has a plan")
+            _require_tasks(tasks)
+            return [PlanMade(tasks)]
+        case RecordChallenge():
+            return [_challenge(command, state)]
+        case ScoreResponse():
+            return [_scored(command, state)]
+        case KeepExample(challenge_id=challenge_id, messages=messages):
+            return [_kept(challenge_id, messages, state)]
+        case RecordTrainingProgress(task_id=task_id, step=step, loss=loss, learning_rate=rate):
+            _require_training_task(task_id, state)
+            last = state.last_step(task_id)
+            # A step recorded is a step checkpointed; recording it again means it ran twice.
+            require(
+                step > last,
+                "training_step_not_after_last",
+                f"task {task_id}: step {step} must come after the last recorded step {last}",
+            )
+            require(
+                math.isfinite(loss) and loss >= 0 and math.isfinite(rate) and rate >= 0,
+                "training_progress_not_finite",
+                f"task {task_id}: loss and learning rate must be finite and non-negative (got {loss}, {rate})",
+            )
+            return [TrainingProgressed(task_id, step, loss, rate)]
+        case RecordLayerProduced():
+            _require_training_task(command.task_id, state)
+            _require_task_open(command.task_id, state)
+            require_weight(command.weight)
+            return [LayerProduced(**msgspec.structs.asdict(command))]
+        case RecordLayerReused(task_id=task_id, layer_id=layer_id, weight=weight):
+            task = state.task(task_id)
+            require(
+                task is not None and task.action is TaskAction.USE and task.layer_id == layer_id,
+                "task_not_reuse",
+                f"task {task_id} is not a plan to use layer {layer_id} as is",
+            )
+            _require_task_open(task_id, state)
+            require_weight(weight)
+            return [LayerReused(task_id, layer_id, weight)]
     raise DomainError("unknown_command", f"academy session cannot handle {type(command).__name__}")
 
 
@@ -135,6 +361,87 @@ def _require_plan(command: StartAcademySession) -> None:
     )
 
 
+def _require_tasks(tasks: tuple[PlanTask, ...]) -> None:
+    require(0 < len(tasks) <= MAX_TASKS, "plan_size_out_of_range", f"a plan has 1..{MAX_TASKS} tasks (got {len(tasks)})")
+    ids = [task.task_id for task in tasks]
+    require(len(set(ids)) == len(ids), "task_id_repeated", f"task ids must be unique (got {ids})")
+    for task in tasks:
+        needs_layer = task.action is not TaskAction.TRAIN
+        require(
+            (task.layer_id is not None) == needs_layer,
+            "task_layer_mismatch",
+            f"task {task.task_id}: {task.action.value} {'needs' if needs_layer else 'takes no'} layer_id",
+        )
+
+
+def _challenge(command: RecordChallenge, state: AcademySession) -> ChallengeGenerated:
+    require(
+        state.challenge(command.challenge_id) is None,
+        "challenge_exists",
+        f"challenge {command.challenge_id} already exists in session {state.session_id}",
+    )
+    require(
+        len(state.challenges) < MAX_CHALLENGES,
+        "too_many_challenges",
+        f"a session holds at most {MAX_CHALLENGES} challenges",
+    )
+    require_text(command.prompt, "prompt", max_length=10_000)
+    if command.task_id is not None:
+        require(state.task(command.task_id) is not None, "task_not_found", f"no task {command.task_id} in the plan")
+    return ChallengeGenerated(**msgspec.structs.asdict(command))
+
+
+def _scored(command: ScoreResponse, state: AcademySession) -> ResponseScored:
+    challenge = state.challenge(command.challenge_id)
+    require(challenge is not None, "challenge_not_found", f"no challenge {command.challenge_id} in this session")
+    assert challenge is not None
+    require(challenge.score is None, "challenge_already_scored", f"challenge {command.challenge_id} is already scored")
+    require(
+        math.isfinite(command.score) and 0.0 <= command.score <= 100.0,
+        "score_out_of_range",
+        f"score must be a finite number in [0, 100] (got {command.score})",
+    )
+    require_text(command.response, "response", max_length=20_000)
+    require_text(command.rationale, "rationale", max_length=4_000)
+    require(command.judge in JUDGES, "judge_unknown", f"judge must be one of {', '.join(JUDGES)} (got {command.judge!r})")
+    return ResponseScored(**msgspec.structs.asdict(command))
+
+
+def _kept(challenge_id: str, messages: tuple[ExampleMessage, ...], state: AcademySession) -> ExampleKept:
+    challenge = state.challenge(challenge_id)
+    require(
+        challenge is not None and challenge.score is not None,
+        "challenge_not_scored",
+        f"challenge {challenge_id} must exist and be scored before its example is kept",
+    )
+    assert challenge is not None
+    require(not challenge.kept, "example_exists", f"the example of challenge {challenge_id} is already kept")
+    roles = tuple(message.role for message in messages)
+    require(
+        len(roles) >= 2 and roles[-1] == "assistant" and set(roles) <= set(ROLES),
+        "example_malformed",
+        f"an example is system/user/assistant messages ending with the assistant's (got roles {list(roles)})",
+    )
+    return ExampleKept(challenge_id, messages, LEVELS[challenge.difficulty])
+
+
+def _require_training_task(task_id: str, state: AcademySession) -> None:
+    task = state.task(task_id)
+    require(
+        task is not None and task.action is not TaskAction.USE,
+        "task_not_training",
+        f"task {task_id} is not a training task of session {state.session_id}",
+    )
+
+
+def _require_task_open(task_id: str, state: AcademySession) -> None:
+    require(
+        task_id not in dict(state.finished_tasks),
+        "task_finished",
+        f"task {task_id} of session {state.session_id} already has its layer",
+    )
+
+
 def evolve(state: AcademySession | None, event: AcademyEvent) -> AcademySession:
     match event:
         case AcademySessionStarted():
@@ -143,7 +450,29 @@ def evolve(state: AcademySession | None, event: AcademyEvent) -> AcademySession:
     match event:
         case SessionStatusChanged(status=status, reason=reason):
             return msgspec.structs.replace(state, status=status, reason=reason)
+        case PlanMade(tasks=tasks):
+            return msgspec.structs.replace(state, tasks=tasks)
+        case ChallengeGenerated():
+            fields = msgspec.structs.asdict(event)
+            return msgspec.structs.replace(state, challenges=(*state.challenges, Challenge(**fields)))
+        case ResponseScored(challenge_id=challenge_id, score=score):
+            return _with_challenge(state, challenge_id, score=score)
+        case ExampleKept(challenge_id=challenge_id):
+            state = _with_challenge(state, challenge_id, kept=True)
+            return msgspec.structs.replace(state, examples=state.examples + 1)
+        case TrainingProgressed(task_id=task_id, step=step, loss=loss):
+            steps = {**dict(state.trained_steps), task_id: step}
+            return msgspec.structs.replace(state, trained_steps=tuple(steps.items()), loss=loss)
+        case LayerProduced(task_id=task_id, layer_id=layer_id) | LayerReused(task_id=task_id, layer_id=layer_id):
+            return msgspec.structs.replace(state, finished_tasks=(*state.finished_tasks, (task_id, layer_id)))
     raise TypeError(f"unknown academy session event {type(event).__name__}")
+
+
+def _with_challenge(state: AcademySession, challenge_id: str, **changes: object) -> AcademySession:
+    challenges = tuple(
+        msgspec.structs.replace(c, **changes) if c.challenge_id == challenge_id else c for c in state.challenges
+    )
+    return msgspec.structs.replace(state, challenges=challenges)
 
 
 ACADEMY_SESSION = Decider(

@@ -145,6 +145,16 @@ def _genome_layer_rows(aggregate: Aggregate[Any]) -> list[Row]:
     ]
 
 
+def _academy_row(state: Any) -> Row:
+    return _fields(state, "tasks", "challenges", "examples", "trained_steps", "finished_tasks") | {
+        "planned": state.tasks is not None,
+        "challenge_count": len(state.challenges),
+        "example_count": state.examples,
+        "step": sum(step for _, step in state.trained_steps),
+        "layer_ids": [layer_id for _, layer_id in state.finished_tasks],
+    }
+
+
 def _knowledge_row(state: Any) -> Row:
     return _fields(state, "chunks") | {"chunk_count": len(state.chunks)}
 
@@ -170,7 +180,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     # A user-supplied embedding stays in the log and the index, not in the table.
     ReadModel(LAYER, LayerRow.__table__, "layer_id", lambda state: _fields(state, "embedding")),  # type: ignore[attr-defined]
     ReadModel(PERSONA, PersonaRow.__table__, "persona_id", _fields),  # type: ignore[attr-defined]
-    ReadModel(ACADEMY_SESSION, AcademySessionRow.__table__, "session_id", _fields),  # type: ignore[attr-defined]
+    ReadModel(ACADEMY_SESSION, AcademySessionRow.__table__, "session_id", _academy_row),  # type: ignore[attr-defined]
     ReadModel(
         KNOWLEDGE,
         KnowledgeRow.__table__,  # type: ignore[attr-defined]

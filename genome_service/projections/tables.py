@@ -99,6 +99,12 @@ class AcademySessionRow(SQLModel, table=True):
     budget_seconds: float
     status: str = Field(index=True, max_length=16)
     reason: str
+    planned: bool
+    challenge_count: int
+    example_count: int
+    step: int  # training steps recorded (checkpointed), over all tasks
+    loss: float | None = None  # the latest recorded training loss
+    layer_ids: list[str] = Field(sa_column=_json())  # produced or reused, in order
     version: int
     created_at: datetime = Field(sa_column=_time())
     updated_at: datetime = Field(sa_column=_time())

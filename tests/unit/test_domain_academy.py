@@ -7,12 +7,31 @@ from genome_service.domain.academy import (
     ACADEMY_SESSION,
     AcademyEvent,
     AcademySessionStarted,
+    ChallengeGenerated,
     ChangeSessionStatus,
+    Difficulty,
+    ExampleKept,
+    ExampleMessage,
+    KeepExample,
+    LayerProduced,
+    LayerReused,
+    MakePlan,
+    PlanMade,
+    PlanTask,
+    RecordChallenge,
+    RecordLayerProduced,
+    RecordLayerReused,
+    RecordTrainingProgress,
+    ResponseScored,
+    ScoreResponse,
     SessionStatus,
     SessionStatusChanged,
     StartAcademySession,
+    TaskAction,
+    TrainingProgressed,
 )
 from genome_service.domain.common import DomainError
+from genome_service.domain.layer import TraitType, TrainingMetrics
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = SessionStatus
 
@@ -137,12 +156,101 @@ def test_an_unknown_command_is_refused(session):
     assert refused(object(), session) == "unknown_command"
 
 
+TONE = TraitType.TONE_AND_VOICE
+TRAIN = PlanTask("t1", TONE, TaskAction.TRAIN)
+USE = PlanTask("t2", TraitType.DOMAIN_EXPERTISE, TaskAction.USE, "l9", 0.97)
+EXAMPLE = (ExampleMessage("system", "Be calm."), ExampleMessage("user", "Hi?"), ExampleMessage("assistant", "Hello."))
+METRICS = TrainingMetrics(loss=0.5, steps=10)
+
+
+def planned():
+    return run(at(RUNNING), MakePlan((TRAIN, USE)))
+
+
+def scored():
+    challenge = RecordChallenge("c1", TONE, Difficulty.ADVANCED, "Say hi calmly.", ("calm",), "t1")
+    return run(planned(), challenge, ScoreResponse("c1", "Hello.", 80.0, "calm enough", "model"))
+
+
+def test_a_session_records_plan_challenges_examples_training_and_layers_in_order():
+    state = run(
+        scored(),
+        KeepExample("c1", EXAMPLE),
+        RecordTrainingProgress("t1", 5, 2.5, 1e-3),
+        RecordTrainingProgress("t1", 10, 1.5, 5e-4),
+        RecordLayerProduced("t1", "l10", 0.8, "a" * 64, METRICS),
+        RecordLayerReused("t2", "l9", 1.0),
+    )
+    assert state.tasks == (TRAIN, USE)
+    assert state.challenge("c1").score == 80.0 and state.challenge("c1").kept
+    assert (state.examples, state.last_step("t1"), state.loss) == (1, 10, 1.5)
+    assert state.finished_tasks == (("t1", "l10"), ("t2", "l9"))
+
+
+def test_a_kept_example_is_tagged_with_the_curriculum_level_of_its_challenge():
+    assert ACADEMY_SESSION.decide(KeepExample("c1", EXAMPLE), scored()) == [ExampleKept("c1", EXAMPLE, 3)]
+
+
+@pytest.mark.parametrize(
+    ("state", "command", "rule"),
+    [
+        (planned, MakePlan((TRAIN,)), "plan_exists"),
+        (lambda: at(RUNNING), MakePlan(()), "plan_size_out_of_range"),
+        (lambda: at(RUNNING), MakePlan((TRAIN, TRAIN)), "task_id_repeated"),
+        (lambda: at(RUNNING), MakePlan((PlanTask("t1", TONE, TaskAction.REFINE),)), "task_layer_mismatch"),
+        (lambda: at(COMPLETED), MakePlan((TRAIN,)), "session_finished"),
+        (scored, RecordChallenge("c1", TONE, Difficulty.BEGINNER, "again"), "challenge_exists"),
+        (planned, RecordChallenge("c2", TONE, Difficulty.BEGINNER, " "), "prompt_required"),
+        (planned, RecordChallenge("c2", TONE, Difficulty.BEGINNER, "p", task_id="t7"), "task_not_found"),
+        (planned, ScoreResponse("c9", "r", 50.0, "why", "model"), "challenge_not_found"),
+        (scored, ScoreResponse("c1", "r", 50.0, "why", "model"), "challenge_already_scored"),
+        (planned, KeepExample("c1", EXAMPLE), "challenge_not_scored"),
+        (scored, KeepExample("c1", EXAMPLE[:2]), "example_malformed"),
+        (scored, KeepExample("c1", (ExampleMessage("tool", "x"), EXAMPLE[2])), "example_malformed"),
+        (planned, RecordTrainingProgress("t2", 1, 1.0, 1e-3), "task_not_training"),
+        (planned, RecordTrainingProgress("t1", 0, 1.0, 1e-3), "training_step_not_after_last"),
+        (planned, RecordTrainingProgress("t1", 1, math.nan, 1e-3), "training_progress_not_finite"),
+        (planned, RecordLayerProduced("t1", "l1", 1.5, "a" * 64, METRICS), "weight_out_of_range"),
+        (planned, RecordLayerReused("t2", "l8", 1.0), "task_not_reuse"),
+        (planned, RecordLayerReused("t1", "l9", 1.0), "task_not_reuse"),
+    ],
+)
+def test_a_session_command_that_breaks_a_rule_is_refused(state, command, rule):
+    assert refused(command, state()) == rule
+
+
+@pytest.mark.parametrize("score", [-0.5, 100.5, math.nan, math.inf])
+def test_a_score_outside_0_to_100_is_refused(score):
+    challenge = RecordChallenge("c1", TONE, Difficulty.BEGINNER, "Say hi.")
+    assert refused(ScoreResponse("c1", "Hi.", score, "why", "heuristic"), run(planned(), challenge)) == (
+        "score_out_of_range"
+    )
+
+
+def test_a_training_step_recorded_twice_is_refused_so_no_step_runs_twice():
+    state = run(planned(), RecordTrainingProgress("t1", 5, 2.0, 1e-3))
+    assert refused(RecordTrainingProgress("t1", 5, 2.0, 1e-3), state) == "training_step_not_after_last"
+    assert refused(RecordTrainingProgress("t1", 3, 2.0, 1e-3), state) == "training_step_not_after_last"
+
+
+def test_a_task_gets_one_layer_at_most():
+    state = run(planned(), RecordLayerProduced("t1", "l10", 1.0, "a" * 64, METRICS))
+    assert refused(RecordLayerProduced("t1", "l11", 1.0, "a" * 64, METRICS), state) == "task_finished"
+
+
 @pytest.mark.parametrize(
     "event",
     [
         AcademySessionStarted("s1", "alice", "p1", "goal", 0.9, 50, 60.0),
         SessionStatusChanged(RUNNING),
         SessionStatusChanged(FAILED, "out of memory"),
+        PlanMade((TRAIN, USE)),
+        ChallengeGenerated("c1", TONE, Difficulty.BEGINNER, "Say hi.", ("calm",), "t1"),
+        ResponseScored("c1", "Hello.", 42.5, "fine", "heuristic"),
+        ExampleKept("c1", EXAMPLE, 1),
+        TrainingProgressed("t1", 5, 1.25, 1e-4),
+        LayerProduced("t1", "l10", 0.8, "a" * 64, METRICS, "l9"),
+        LayerReused("t2", "l9", 1.0),
     ],
 )
 def test_every_academy_event_survives_a_json_round_trip(event):
