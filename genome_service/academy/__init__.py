@@ -1,0 +1,1 @@
+"""The Academy: sessions that plan, generate challenges, judge answers and train LoRA layers."""
