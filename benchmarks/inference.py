@@ -7,8 +7,9 @@ GENOME_MODELS_DIR or <repo>/.cache/models first if missing), one prompt, greedy 
 128 new tokens, in this one process (mlx_lm.server is its own process, started here):
 
 - base_ratio_torch: our tokens/s with no stack (Engine -> TorchBackend, the full serving
-  path) / plain `model.generate` tokens/s on a second copy of the same weights, asked for
-  exactly as many tokens as we produced. Runs alternate ours/theirs; medians.
+  path, prompt reuse off so both sides compute the prompt) / plain `model.generate`
+  tokens/s on a second copy of the same weights, asked for exactly as many tokens as we
+  produced. Runs alternate ours/theirs; medians.
 - base_ratio_mlx: the same with MlxBackend against plain `mlx_lm.stream_generate`.
 - stack_ratio: our tokens/s with a 3-layer rank-8 stack (q_proj and v_proj on all 30
   blocks, weights 1.0/0.5/0.25: real PEFT uploads resolved through StackResolver) / with
@@ -170,11 +171,16 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
 # --- torch --------------------------------------------------------------------------------
 
 
-def bench_torch(folder: Path, layers: Layers, engine: Engine, runs: int, tokens: int) -> dict[str, Any]:
+def bench_torch(folder: Path, layers: Layers, runs: int, tokens: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    backend = engine.backend
+    from inference.backends.torch import TorchBackend
+
+    # Prompt reuse off: each run repeats the prompt, which our prefix cache would skip while
+    # `generate` computes it; the rates compare decoding the same tokens from scratch.
+    backend = TorchBackend(folder, device="cpu", prompt_cache_bytes=0)
+    engine = engine_for(backend)
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor([backend.encode_chat(PROMPT)])
     persona_a, persona_b = layers.persona(0), layers.persona(3)
@@ -199,6 +205,7 @@ def bench_torch(folder: Path, layers: Layers, engine: Engine, runs: int, tokens:
                     f"plain {plain_rates[-1]:.1f}, stack {stacked[-1]['tokens_per_s']:.1f}")  # fmt: skip
     switch = _switch_ms(layers, backend, persona_a, persona_b)
     cold = [_cold_load_ms(layers, backend) for _ in range(COLD_LOADS)]
+    asyncio.run_coroutine_threadsafe(engine.close(), LOOP).result()
     return {
         "ours_tokens_per_s": [r["tokens_per_s"] for r in base],
         "plain_generate_tokens_per_s": plain_rates,
@@ -379,8 +386,8 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as work:
         layers = Layers(Path(work), count=6 + COLD_LOADS)
-        engines = {"torch": engine_for(TorchBackend(folder, device="cpu"))}
-        results["torch"] = bench_torch(folder, layers, engines["torch"], runs, args.tokens)
+        results["torch"] = bench_torch(folder, layers, runs, args.tokens)
+        engines = {"torch": engine_for(TorchBackend(folder, device="cpu"))}  # as served: prefix reuse on
         try:
             from inference.backends.mlx import MlxBackend
         except ImportError as error:
