@@ -278,7 +278,8 @@ def train_lora(
         done = step + 1
         if on_progress is not None and (done % progress_every == 0 or done == config.steps):
             on_progress(Progress(done, value, learning_rate, tokens, time.perf_counter() - started))
-        if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0 and done < config.steps:
+        # The last step is checkpointed too: a run resumed after it goes straight to the result.
+        if checkpoint_dir is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == config.steps):
             folder = _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, scheduler, losses, tokens)
             if on_checkpoint is not None:
                 on_checkpoint(done, folder)

@@ -1,0 +1,317 @@
+"""Runs one academy session to its end, from whatever its events say is already done.
+
+Every step reads the session's state first and appends its result as an event, so a run
+that starts again after a crash skips what is recorded: the plan, each challenge (ids are
+derived from the task and its ordinal), each score, each kept example, each checkpointed
+training step (the trainer resumes from the newest checkpoint on disk, and a step is
+recorded only once its checkpoint is there), the layer (registered under an idempotency
+key) and the attachment. A run stops within a training step or one generation of the
+session being cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from genome_service.academy.judge import complete, judge
+from genome_service.domain.academy import (
+    ACADEMY_SESSION,
+    TERMINAL,
+    AcademySession,
+    ChangeSessionStatus,
+    Difficulty,
+    ExampleKept,
+    ExampleMessage,
+    KeepExample,
+    MakePlan,
+    PlanTask,
+    RecordChallenge,
+    RecordLayerProduced,
+    RecordLayerReused,
+    RecordTrainingProgress,
+    ScoreResponse,
+    SessionStatus,
+    TaskAction,
+)
+from genome_service.domain.common import DomainError
+from genome_service.domain.genome import GENOME, AttachLayer, LayerFacts
+from genome_service.domain.layer import LAYER, RecordTrainingMetrics, TraitType, TrainingMetrics
+from genome_service.eventstore.records import EventMetadata
+from genome_service.projections.queries import get_row
+from genome_service.projections.tables import AcademySessionRow, GenomeRow, PersonaRow
+from genome_service.services.bootstrap import Services
+from genome_service.services.layers import LayerDetails, register_layer
+from genome_service.services.stacks import StackResolver
+from inference.backends.base import Backend, ChatMessage, Sampling
+from inference.training import Example, TrainingConfig, data_sha256, train_lora
+
+SESSIONS = AcademySessionRow.__table__  # type: ignore[attr-defined]
+PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
+GENOMES = GenomeRow.__table__  # type: ignore[attr-defined]
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# What each trait is about, embedded to pick the trait a goal needs most.
+TRAITS = {
+    TraitType.GENERAL_REASONING: "reasoning, logic, problem solving, thinking step by step",
+    TraitType.TONE_AND_VOICE: "tone, voice, style, manner of speaking, personality, sounding like someone",
+    TraitType.ETHICAL_REASONING: "ethics, morality, fairness, right and wrong, values",
+    TraitType.DOMAIN_EXPERTISE: "expert knowledge of a field: science, law, medicine, mathematics, programming",
+    TraitType.CULTURAL_KNOWLEDGE: "culture, history, traditions, languages, customs of peoples",
+    TraitType.MEMORY_INTEGRATION: "remembering facts about the user and earlier conversations",
+}
+
+
+class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    challenges_per_task: int = 12
+    keep_score: float = 50.0  # examples scored below this are not trained on
+    refine_similarity: float = 0.75  # a layer this close (but under the target) is refined
+    challenge_tokens: int = 48
+    answer_tokens: int = 64
+    judge_tokens: int = 64
+    judge_retries: int = 2
+    checkpoint_every: int = 5  # also how often a progress event is appended
+    layer_weight: float = 1.0
+    training: TrainingConfig = TrainingConfig(learning_rate=1e-3, warmup_steps=2)
+    cancel_poll_seconds: float = 0.5
+
+
+class SessionCancelled(Exception):
+    """The session was cancelled while this run worked on it."""
+
+
+class Runner:
+    """Runs sessions on one loaded model; `backend` serves the session's base model."""
+
+    def __init__(self, services: Services, backend: Backend, model_name: str, settings: RunnerSettings) -> None:
+        self.services = services
+        self.backend = backend
+        self.model_name = model_name
+        self.settings = settings
+        self.stacks = StackResolver(services, services.models.get(model_name))
+
+    # --- the session --------------------------------------------------------------------
+
+    def run(self, session_id: str) -> AcademySession:
+        """Run the session to completed, failed or cancelled; return its final state."""
+        state = self._state(session_id)
+        if state.status in TERMINAL:
+            return state
+        self._execute(session_id, ChangeSessionStatus(SessionStatus.RUNNING))
+        try:
+            self._check_model(state)
+            state = self._plan(self._state(session_id))
+            for task in state.tasks or ():
+                if task.task_id not in dict(state.finished_tasks):
+                    self._run_task(session_id, task)
+            self._execute(session_id, ChangeSessionStatus(SessionStatus.COMPLETED))
+        except SessionCancelled:
+            pass
+        except (DomainError, ValueError, RuntimeError) as exc:
+            self._fail(session_id, f"{type(exc).__name__}: {exc}")
+        return self._state(session_id)
+
+    def _check_model(self, state: AcademySession) -> None:
+        with self.services.database.read() as connection:
+            persona = get_row(connection, PERSONAS, "persona_id", state.persona_id)
+            genome_id = persona["genome_id"] if persona is not None else None
+            genome = get_row(connection, GENOMES, "genome_id", genome_id) if genome_id else None
+        if genome is None:
+            raise RuntimeError(f"persona {state.persona_id} has no genome to train a layer for")
+        if genome["base_model"] != self.model_name:
+            raise RuntimeError(f"persona {state.persona_id}'s genome is on {genome['base_model']!r}; "
+                               f"this worker runs {self.model_name!r}")
+
+    def _fail(self, session_id: str, reason: str) -> None:
+        try:
+            self._execute(session_id, ChangeSessionStatus(SessionStatus.FAILED, reason[:2000]))
+        except DomainError:
+            pass  # cancelled meanwhile: that status stands
+
+    def _state(self, session_id: str) -> AcademySession:
+        state = self.services.repository.load(ACADEMY_SESSION, session_id).state
+        if state is None:
+            raise DomainError("academy_session_not_found", f"academy session {session_id!r} does not exist")
+        return state
+
+    def _execute(self, session_id: str, command: object, key: str | None = None) -> None:
+        metadata = EventMetadata(actor="academy", idempotency_key=key)
+        self.services.commands.execute(ACADEMY_SESSION, session_id, command, metadata=metadata)
+
+    def _check_cancelled(self, session_id: str) -> None:
+        # The read model, not the stream: it is one indexed row, and another process's
+        # cancel reaches it through that process's inline projection.
+        with self.services.database.read() as connection:
+            row = get_row(connection, SESSIONS, "session_id", session_id)
+        if row is not None and row["status"] == SessionStatus.CANCELLED.value:
+            raise SessionCancelled(session_id)
+
+    # --- plan -----------------------------------------------------------------------------
+
+    def _plan(self, state: AcademySession) -> AcademySession:
+        if state.tasks is not None:
+            return state
+        search = self.services.search
+        goal = search.query_vector(state.goal)
+        trait = self._trait(goal)
+        hits = search.current().search_layers(goal, 1, owner=state.owner, base_model=self.model_name)
+        best = hits[0] if hits else None
+        if best is not None and best.score >= state.target_similarity:
+            task = PlanTask("t1", trait, TaskAction.USE, best.key, round(float(best.score), 6))
+        elif best is not None and best.score >= self.settings.refine_similarity:
+            task = PlanTask("t1", trait, TaskAction.REFINE, best.key, round(float(best.score), 6))
+        else:
+            task = PlanTask("t1", trait, TaskAction.TRAIN)
+        self._execute(state.session_id, MakePlan((task,)))
+        return self._state(state.session_id)
+
+    def _trait(self, goal: np.ndarray) -> TraitType:
+        vectors = self.services.search.embedder.embed(list(TRAITS.values()))
+        return list(TRAITS)[int(np.argmax(vectors @ goal))]
+
+    # --- one task -------------------------------------------------------------------------
+
+    def _run_task(self, session_id: str, task: PlanTask) -> None:
+        state = self._state(session_id)
+        if task.action is TaskAction.USE:
+            assert task.layer_id is not None
+            self._execute(session_id, RecordLayerReused(task.task_id, task.layer_id, self.settings.layer_weight))
+            self._attach(state, task.layer_id)
+            return
+        self._curate(session_id, task)
+        examples = self._examples(session_id)
+        if not examples:
+            raise RuntimeError(f"no answer scored at least {self.settings.keep_score}: nothing to train on")
+        layer_id = self._train(session_id, task, examples)
+        self._attach(self._state(session_id), layer_id)
+
+    def _curate(self, session_id: str, task: PlanTask) -> None:
+        """Challenges, the persona's answers, the judge's scores and the kept examples, each once."""
+        count = self.settings.challenges_per_task
+        for ordinal in range(count):
+            self._check_cancelled(session_id)
+            challenge_id = f"{task.task_id}-c{ordinal}"
+            # The curriculum: the first third beginner, then intermediate, then advanced.
+            difficulty = list(Difficulty)[min(2, 3 * ordinal // count)]
+            state = self._state(session_id)
+            challenge = state.challenge(challenge_id)
+            if challenge is None:
+                prompt = self._generate_challenge(state.goal, task.trait_type, difficulty, ordinal)
+                self._execute(session_id, RecordChallenge(challenge_id, task.trait_type, difficulty, prompt,
+                                                          (state.goal,), task.task_id))
+                challenge = self._state(session_id).challenge(challenge_id)
+            assert challenge is not None
+            if challenge.score is None:
+                system, answer = self._answer(state.persona_id, challenge.prompt)
+                verdict = judge(self.backend, challenge.prompt, challenge.criteria, answer,
+                                retries=self.settings.judge_retries, max_tokens=self.settings.judge_tokens)
+                self._execute(session_id, ScoreResponse(challenge_id, answer, verdict.score,
+                                                        verdict.rationale, verdict.judge))
+                challenge = self._state(session_id).challenge(challenge_id)
+                assert challenge is not None and challenge.score is not None
+                if challenge.score >= self.settings.keep_score:
+                    messages = (ExampleMessage("system", system), ExampleMessage("user", challenge.prompt),
+                                ExampleMessage("assistant", answer))
+                    self._execute(session_id, KeepExample(challenge_id, messages))
+
+    def _generate_challenge(self, goal: str, trait: TraitType, difficulty: Difficulty, ordinal: int) -> str:
+        ask = (
+            f"Write one {difficulty.value} question or task (number {ordinal + 1}) that tests "
+            f"{trait.value.replace('_', ' ')} for this goal: {goal}\nReply with the question only."
+        )
+        sampling = Sampling(temperature=0.8, max_tokens=self.settings.challenge_tokens, seed=ordinal)
+        text = complete(self.backend, [ChatMessage("user", ask)], sampling).strip()
+        # A model that says nothing still leaves a usable challenge: the goal itself, asked plainly.
+        return text or f"{goal} (a {difficulty.value} exercise, number {ordinal + 1})"
+
+    def _answer(self, persona_id: str, prompt: str) -> tuple[str, str]:
+        """(system prompt, answer) from the persona as its genome stands now."""
+        system, layers = self.stacks.persona(persona_id)
+        system = system.strip() or DEFAULT_SYSTEM
+        messages = [ChatMessage("system", system), ChatMessage("user", prompt)]
+        sampling = Sampling(temperature=0.0, max_tokens=self.settings.answer_tokens)
+        answer = complete(self.backend, messages, sampling, self.stacks.stack(layers)).strip()
+        return system, answer or "I do not know."
+
+    def _examples(self, session_id: str) -> list[Example]:
+        """The kept examples from the events, easier curriculum levels first."""
+        kept = [e.event for e in self.services.store.read_stream(session_id) if isinstance(e.event, ExampleKept)]
+        kept.sort(key=lambda example: example.level)
+        return [Example(tuple(ChatMessage(m.role, m.content) for m in e.messages)) for e in kept]  # type: ignore[arg-type]
+
+    # --- training and the layer -------------------------------------------------------------
+
+    def _train(self, session_id: str, task: PlanTask, examples: list[Example]) -> str:
+        state = self._state(session_id)
+        config = msgspec.structs.replace(self.settings.training, steps=state.budget_steps)
+        deadline = time.monotonic() + state.budget_seconds
+        last_poll = [0.0]
+        marks: dict[int, tuple[float, float]] = {}
+
+        def cancelled() -> bool:
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"the time budget of {state.budget_seconds:g} s ran out during training")
+            if now - last_poll[0] >= self.settings.cancel_poll_seconds:
+                last_poll[0] = now
+                self._check_cancelled(session_id)
+            return False
+
+        def checkpointed(step: int, _: Path) -> None:
+            # Recorded only now, with its checkpoint on disk: a recorded step never runs again.
+            if step > self._state(session_id).last_step(task.task_id):
+                loss, rate = marks[step]
+                self._execute(session_id, RecordTrainingProgress(task.task_id, step, loss, rate))
+
+        result = train_lora(
+            self.services.models.folder(self.model_name),
+            examples,
+            config,
+            base_model=self.model_name,
+            checkpoint_dir=self._checkpoints(session_id, task.task_id),
+            checkpoint_every=self.settings.checkpoint_every,
+            progress_every=1,
+            on_progress=lambda p: marks.__setitem__(p.step, (p.loss, p.learning_rate)),
+            on_checkpoint=checkpointed,
+            cancelled=cancelled,
+        )
+        digest = data_sha256(examples)
+        metrics = TrainingMetrics(loss=round(result.losses[-1], 6), epochs=None, steps=result.steps)
+        details = LayerDetails(
+            name=f"academy: {state.goal[:180]}",
+            base_model=self.model_name,
+            trait_type=task.trait_type,
+            description=f"Trained by academy session {session_id} on {len(examples)} examples (data sha256 {digest}).",
+            tags=["academy"],
+            parent_layer_id=task.layer_id if task.action is TaskAction.REFINE else None,
+        )
+        # Keyed: a run resumed after registering finds the same layer instead of a twin.
+        key = f"academy:{session_id}:{task.task_id}:layer"
+        outcome = register_layer(self.services, state.owner, details, result.files,
+                                 EventMetadata(actor="academy", idempotency_key=key))
+        layer_id = outcome.aggregate.stream_id
+        self.services.commands.execute(LAYER, layer_id, RecordTrainingMetrics(metrics))
+        if task.task_id not in dict(self._state(session_id).finished_tasks):
+            self._execute(session_id, RecordLayerProduced(task.task_id, layer_id, self.settings.layer_weight, digest,
+                                                          metrics, details.parent_layer_id))
+        return layer_id
+
+    def _checkpoints(self, session_id: str, task_id: str) -> Path:
+        return self.services.settings.data_dir / "academy" / session_id / task_id
+
+    def _attach(self, state: AcademySession, layer_id: str) -> None:
+        with self.services.database.read() as connection:
+            persona = get_row(connection, PERSONAS, "persona_id", state.persona_id)
+        if persona is None or persona["genome_id"] is None:
+            raise RuntimeError(f"persona {state.persona_id} has no genome to attach layer {layer_id} to")
+        genome_id = persona["genome_id"]
+        genome = self.services.repository.load(GENOME, genome_id).state
+        if genome is not None and any(ref.layer_id == layer_id for ref in genome.layers):
+            return  # attached before a crash
+        self.services.commands.execute(
+            GENOME, genome_id, AttachLayer(LayerFacts(layer_id, self.model_name, deprecated=False),
+                                           self.settings.layer_weight)
+        )
+

@@ -1,0 +1,128 @@
+"""A session run on the tiny random Llama: plan, curate, train, register, attach; cancel; resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genome_service.academy.runner import Runner, RunnerSettings
+from genome_service.domain.academy import (
+    ACADEMY_SESSION,
+    ChangeSessionStatus,
+    ExampleKept,
+    LayerProduced,
+    SessionStatus,
+    StartAcademySession,
+    TaskAction,
+    TrainingProgressed,
+)
+from genome_service.domain.genome import GENOME, CreateGenome
+from genome_service.domain.layer import LAYER
+from genome_service.domain.persona import PERSONA, AssignGenome, CreatePersona, GenomeFacts
+from genome_service.eventstore.database import Database
+from genome_service.services.bootstrap import Services, build
+from genome_service.services.stacks import StackResolver
+from genome_service.settings import Settings
+from inference.backends.base import ChatMessage
+from inference.backends.torch import TorchBackend
+from inference.lora.stack import assemble
+from inference.training import TrainingConfig
+from rag.embedder import SentenceTransformerEmbedder
+
+MODEL = "tiny-llama"
+FAST = RunnerSettings(
+    challenges_per_task=4, keep_score=0.0, challenge_tokens=12, answer_tokens=16, judge_tokens=12, judge_retries=1,
+    checkpoint_every=5, training=TrainingConfig(learning_rate=1e-2, warmup_steps=2, batch_size=2, seed=1),
+    cancel_poll_seconds=0.05,
+)
+
+
+@pytest.fixture
+def academy(database: Database, tmp_path: Path, tiny_model: Path,
+            embedder: SentenceTransformerEmbedder) -> Iterator[Services]:
+    services = build(Settings(data_dir=tmp_path, database_url=database.url), database=database, embedder=embedder)
+    services.models.register_local(MODEL, tiny_model)
+    services.commands.execute(PERSONA, "p1", CreatePersona("p1", "alice", "Calm Ada", system_prompt="You are calm."))
+    services.commands.execute(GENOME, "g1", CreateGenome("g1", "alice", "p1", MODEL, "calm genome"))
+    services.commands.execute(PERSONA, "p1", AssignGenome(GenomeFacts("g1", "p1", archived=False)))
+    yield services
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> TorchBackend:
+    return TorchBackend(tiny_model, device="cpu")
+
+
+def start(services: Services, session_id: str, steps: int) -> None:
+    command = StartAcademySession(session_id, "alice", "p1", "Answer every question in a calm, gentle voice.",
+                                  budget_steps=steps, budget_seconds=600.0)
+    services.commands.execute(ACADEMY_SESSION, session_id, command)
+
+
+def events(services: Services, session_id: str) -> list:
+    return [e.event for e in services.store.read_stream(session_id)]
+
+
+def test_a_session_trains_registers_and_attaches_a_layer_that_changes_the_output(
+    academy: Services, backend: TorchBackend, tiny_model: Path
+) -> None:
+    start(academy, "s1", steps=20)
+
+    final = Runner(academy, backend, MODEL, FAST).run("s1")
+
+    assert final.status is SessionStatus.COMPLETED, final.reason
+    assert final.tasks is not None and final.tasks[0].action is TaskAction.TRAIN
+    history = events(academy, "s1")
+    kept = [e for e in history if isinstance(e, ExampleKept)]
+    assert len(kept) == 4 and [e.level for e in kept] == [1, 1, 2, 3]
+    assert [m.role for m in kept[0].messages] == ["system", "user", "assistant"]
+    progress = [e for e in history if isinstance(e, TrainingProgressed)]
+    assert [e.step for e in progress] == [5, 10, 15, 20]
+    assert progress[-1].loss < progress[0].loss
+    [produced] = [e for e in history if isinstance(e, LayerProduced)]
+    layer = academy.repository.load(LAYER, produced.layer_id).state
+    assert layer is not None and layer.owner == "alice" and layer.base_model == MODEL
+    assert layer.training_metrics is not None and layer.training_metrics.steps == 20
+    genome = academy.repository.load(GENOME, "g1").state
+    assert genome is not None and [(r.layer_id, r.weight) for r in genome.layers] == [(produced.layer_id, 1.0)]
+    adapter = StackResolver(academy, academy.models.get(MODEL)).load_adapter(produced.layer_id)
+    ids = backend.encode_chat([ChatMessage("user", "How are you?")])
+    stack = assemble([(produced.layer_id, 1.0, adapter.canonical, adapter.scale)])
+    assert not np.allclose(backend.logits(ids, None), backend.logits(ids, stack), atol=1e-3)
+
+
+def test_a_second_run_of_a_finished_session_changes_nothing(academy: Services, backend: TorchBackend) -> None:
+    start(academy, "s1", steps=5)
+    runner = Runner(academy, backend, MODEL, FAST)
+    assert runner.run("s1").status is SessionStatus.COMPLETED
+    before = academy.store.stream_version("s1")
+    assert runner.run("s1").status is SessionStatus.COMPLETED
+    assert academy.store.stream_version("s1") == before
+
+
+def test_cancel_stops_a_training_session_within_seconds_and_registers_no_layer(
+    academy: Services, backend: TorchBackend
+) -> None:
+    start(academy, "s1", steps=100_000)
+    runner = Runner(academy, backend, MODEL, FAST)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(runner.run("s1")))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not any(isinstance(e, TrainingProgressed) for e in events(academy, "s1")):
+        assert time.monotonic() < deadline and thread.is_alive(), "training never started"
+        time.sleep(0.05)
+
+    asked = time.monotonic()
+    academy.commands.execute(ACADEMY_SESSION, "s1", ChangeSessionStatus(SessionStatus.CANCELLED, "user asked"))
+    thread.join(timeout=30)
+
+    assert not thread.is_alive() and time.monotonic() - asked < 5
+    assert done[0].status is SessionStatus.CANCELLED
+    assert not any(isinstance(e, LayerProduced) for e in events(academy, "s1"))
+    assert academy.repository.load(GENOME, "g1").state.layers == ()
