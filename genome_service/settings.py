@@ -74,6 +74,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     embed_batch_size: int = 64
     # Distinct texts whose vectors are kept in memory (LRU by content hash).
     embed_cache_size: int = 50_000
+    # Chat (``genome_service/chat/``). Knowledge chunks retrieved per turn when a request names none.
+    chat_context_k: int = 4
+    # Largest max_tokens a chat request may ask for, and what it gets when it names none.
+    chat_max_tokens_limit: int = 1024
+    chat_default_max_tokens: int = 256
+    # A client's `system` message: refused (422), or demoted to user text. The persona's own
+    # system prompt is the only one a model sees either way.
+    chat_system_messages: Literal["refuse", "demote"] = "refuse"
+    # Seconds one chat turn may take, queueing included.
+    chat_timeout: float = 120.0
+    # The prompt budget in tokens; 0 = the model's own context (max_position_embeddings).
+    chat_context_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
@@ -97,6 +109,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         if not self.inference_timeout > 0:
             raise ValueError("GENOME_INFERENCE_TIMEOUT must be > 0 seconds")
+        if not 1 <= self.chat_default_max_tokens <= self.chat_max_tokens_limit or self.chat_context_k < 0:
+            raise ValueError("GENOME_CHAT_DEFAULT_MAX_TOKENS must be within 1..GENOME_CHAT_MAX_TOKENS_LIMIT; GENOME_CHAT_CONTEXT_K >= 0")
+        if not self.chat_timeout > 0 or self.chat_context_tokens < 0:
+            raise ValueError("GENOME_CHAT_TIMEOUT must be > 0 seconds and GENOME_CHAT_CONTEXT_TOKENS >= 0")
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from genome_service.domain.academy import ACADEMY_SESSION
 from genome_service.domain.common import Decider
+from genome_service.domain.conversation import CONVERSATION
 from genome_service.domain.genome import GENOME
 from genome_service.domain.knowledge import KNOWLEDGE
 from genome_service.domain.layer import LAYER
@@ -25,6 +26,8 @@ from genome_service.eventstore.repository import Aggregate
 from genome_service.projections.columns import encoder
 from genome_service.projections.tables import (
     AcademySessionRow,
+    ConversationMessageRow,
+    ConversationRow,
     GenomeLayerRefRow,
     GenomeRow,
     KnowledgeChunkRow,
@@ -169,6 +172,18 @@ def _knowledge_chunk_rows(aggregate: Aggregate[Any]) -> list[Row]:
     ]
 
 
+def _conversation_row(state: Any) -> Row:
+    return _fields(state, "messages") | {"message_count": len(state.messages)}
+
+
+def _conversation_message_rows(aggregate: Aggregate[Any]) -> list[Row]:
+    return [
+        {"conversation_id": aggregate.stream_id, "ordinal": i, "role": message.role, "content": message.content,
+         "generation": msgspec.to_builtins(message.generation) if message.generation is not None else None}
+        for i, message in enumerate(aggregate.state.messages)
+    ]
+
+
 READ_MODELS: tuple[ReadModel, ...] = (
     ReadModel(
         GENOME,
@@ -187,5 +202,12 @@ READ_MODELS: tuple[ReadModel, ...] = (
         "knowledge_id",
         _knowledge_row,
         ChildRows(KnowledgeChunkRow.__table__, "knowledge_id", _knowledge_chunk_rows),  # type: ignore[attr-defined]
+    ),
+    ReadModel(
+        CONVERSATION,
+        ConversationRow.__table__,  # type: ignore[attr-defined]
+        "conversation_id",
+        _conversation_row,
+        ChildRows(ConversationMessageRow.__table__, "conversation_id", _conversation_message_rows),  # type: ignore[attr-defined]
     ),
 )

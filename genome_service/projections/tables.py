@@ -138,6 +138,32 @@ class KnowledgeChunkRow(SQLModel, table=True):
     text: str
 
 
+class ConversationRow(SQLModel, table=True):
+    """A persona's chat with one owner; its messages are in ``conversation_messages``."""
+
+    __tablename__ = "conversations"
+
+    conversation_id: str = Field(primary_key=True, max_length=64)
+    persona_id: str = Field(index=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    message_count: int
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class ConversationMessageRow(SQLModel, table=True):
+    """One message of a conversation; a reply also holds how it was generated (JSON)."""
+
+    __tablename__ = "conversation_messages"
+
+    conversation_id: str = Field(primary_key=True, max_length=64)
+    ordinal: int = Field(primary_key=True)
+    role: str = Field(max_length=16)
+    content: str
+    generation: dict | None = Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=True))  # type: ignore[type-arg]
+
+
 class ProjectionCheckpointRow(SQLModel, table=True):
     """The last event position a projection has applied."""
 

@@ -1,0 +1,1 @@
+"""Persona chat: retrieval -> prompt assembly -> inference -> conversation events."""

@@ -1,0 +1,178 @@
+"""One chat turn: retrieve -> assemble the prompt -> generate with the persona's stack -> record.
+
+The conversation is appended once, when the reply is finished (stop, length or a
+repetition stop), as one atomic append of the caller's messages and the reply. A
+caller that goes away, a timeout or a backend error records nothing, so no
+conversation ever holds a question without its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import msgspec
+import sqlalchemy as sa
+
+from genome_service.chat.prompt import Prompt, PromptTooLong, assemble, fit_history
+from genome_service.chat.runtime import ChatRuntime, Loaded
+from genome_service.domain.common import DomainError
+from genome_service.domain.conversation import (
+    CONVERSATION,
+    Citation,
+    Generation,
+    Message,
+    RecordTurn,
+    SamplingUsed,
+    Usage,
+    validate_asked,
+)
+from genome_service.eventstore.records import EventMetadata
+from genome_service.projections.tables import KnowledgeChunkRow
+from genome_service.services.bootstrap import Services
+from genome_service.services.creation import new_id
+from genome_service.services.search import chunk_key
+from inference.backends.base import ChatMessage, Finish, Sampling, Token
+from inference.engine import QueueFull
+from inference.lora.stack import LoraStack
+from rag.retriever import Candidate, Passage, select
+
+CHUNKS = KnowledgeChunkRow.__table__  # type: ignore[attr-defined]
+# Nearest chunks fetched per passage wanted, so the token budget can pass over long ones.
+CANDIDATES_PER_PASSAGE = 4
+CLEAN_ENDS = ("stop", "length", "repetition")
+
+
+class ChatRefused(Exception):
+    """A turn the service will not run as asked; ``rule`` names why, ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.rule = rule
+
+
+class TurnRequest(msgspec.Struct, frozen=True, kw_only=True):
+    persona_id: str
+    owner: str
+    messages: tuple[Message, ...]  # the caller's new messages, the last from the user
+    conversation_id: str | None = None  # continue this one; None starts a new one
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    context_k: int
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """A finished turn as recorded (``conversation_id`` is None when nothing was recorded)."""
+
+    conversation_id: str | None
+    content: str
+    generation: Generation
+    error: str | None = None
+
+
+class _Prepared(msgspec.Struct, frozen=True):
+    request: TurnRequest
+    conversation_id: str
+    prompt: Prompt
+    stack: LoraStack | None
+    sampling: Sampling
+    loaded: Loaded
+
+
+async def run_turn(services: Services, runtime: ChatRuntime, request: TurnRequest, metadata: EventMetadata) -> AsyncIterator[Token | Reply]:
+    """Yield the reply's Tokens as they come, then one Reply (recorded if the turn finished cleanly).
+
+    Refusals (``ChatRefused``, ``DomainError``) are raised before the first token.
+    Closing the iterator early cancels generation and records nothing.
+    """
+    loaded = await runtime.ready()
+    prepared = await asyncio.to_thread(_prepare, services, loaded, request)
+    try:
+        events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling)
+    except QueueFull as error:
+        raise ChatRefused(429, "inference_busy", str(error)) from None
+    parts: list[str] = []
+    started = asyncio.get_running_loop().time()
+    async with aclosing(events) as stream:  # closing it is what cancels generation
+        async for event in stream:
+            if isinstance(event, Token):
+                parts.append(event.text)
+                yield event
+                continue
+            yield await _finish(services, prepared, "".join(parts), event, metadata, started)
+
+
+async def _finish(services: Services, prepared: _Prepared, content: str, finish: Finish, metadata: EventMetadata, started: float) -> Reply:
+    request, sampling = prepared.request, prepared.sampling
+    generation = Generation(
+        model=prepared.loaded.model,
+        stack_hash=prepared.stack.key if prepared.stack is not None else None,
+        sampling=SamplingUsed(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed),
+        usage=Usage(finish.prompt_tokens or prepared.prompt.tokens, finish.completion_tokens),
+        finish_reason=finish.reason,
+        citations=tuple(Citation(p.id, round(p.score, 6)) for p in prepared.prompt.passages),
+    )
+    if finish.reason not in CLEAN_ENDS:
+        return Reply(None, content, generation, finish.error or finish.reason)
+    command = RecordTurn(prepared.conversation_id, request.persona_id, request.owner, request.messages,
+                         Message("assistant", content, generation))
+    await asyncio.to_thread(services.commands.execute, CONVERSATION, prepared.conversation_id, command, metadata=metadata)
+    return Reply(prepared.conversation_id, content, generation)
+
+
+def _prepare(services: Services, loaded: Loaded, request: TurnRequest) -> _Prepared:
+    """Everything before the first token; runs in a worker thread (database, embedder, tokenizer)."""
+    if request.max_tokens >= loaded.context:
+        raise ChatRefused(422, "max_tokens_out_of_range", f"max_tokens must be below the model's context of {loaded.context}")
+    try:
+        sampling = Sampling(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens, seed=request.seed)
+    except ValueError as error:
+        raise ChatRefused(422, "sampling_out_of_range", str(error)) from None
+    validate_asked(request.messages)
+    system_prompt, layers = loaded.resolver.persona(request.persona_id)
+    conversation_id, history = _history(services, request)
+    budget = loaded.context - request.max_tokens
+    try:
+        history = fit_history(system_prompt, history, loaded.count_prompt, budget)
+        room = budget - loaded.count_prompt([ChatMessage("system", system_prompt), *history])
+        passages = _retrieve(services, request, loaded, room) if request.context_k and room > 0 else []
+        prompt = assemble(system_prompt, passages, history, loaded.count_prompt, budget)
+    except PromptTooLong as error:
+        raise ChatRefused(422, "prompt_too_long", str(error)) from None
+    return _Prepared(request, conversation_id, prompt, loaded.resolver.stack(layers), sampling, loaded)
+
+
+def _history(services: Services, request: TurnRequest) -> tuple[str, list[ChatMessage]]:
+    new = [ChatMessage(m.role, m.content) for m in request.messages]
+    if request.conversation_id is None:
+        return new_id(), new
+    state = services.repository.load(CONVERSATION, request.conversation_id).state
+    if state is None or state.owner != request.owner or state.persona_id != request.persona_id:
+        raise DomainError("conversation_not_found", f"conversation {request.conversation_id!r} does not exist")
+    return state.conversation_id, [ChatMessage(m.role, m.content) for m in state.messages] + new
+
+
+def _retrieve(services: Services, request: TurnRequest, loaded: Loaded, room: int) -> list[Passage]:
+    """The persona's chunks nearest the newest user message, best first, within ``room`` tokens."""
+    search = services.search
+    query = search.query_vector(request.messages[-1].content)
+    hits = search.current().search_knowledge(query, request.context_k * CANDIDATES_PER_PASSAGE, request.persona_id)
+    texts = _chunk_texts(services, request.persona_id, {hit.key.rpartition(":")[0] for hit, _ in hits})
+    candidates = [Candidate(hit.key, hit.key.rpartition(":")[0], texts[hit.key], hit.score, vector)
+                  for hit, vector in hits if hit.key in texts]
+    return select(candidates, k=request.context_k, token_budget=room, count_tokens=loaded.count_text)
+
+
+def _chunk_texts(services: Services, persona_id: str, knowledge_ids: set[str]) -> dict[str, str]:
+    if not knowledge_ids:
+        return {}
+    statement = sa.select(CHUNKS.c.knowledge_id, CHUNKS.c.ordinal, CHUNKS.c.text).where(
+        CHUNKS.c.persona_id == persona_id, CHUNKS.c.knowledge_id.in_(sorted(knowledge_ids)),
+    )
+    with services.database.read() as connection:
+        return {chunk_key(kid, ordinal): text for kid, ordinal, text in connection.execute(statement)}
+
