@@ -64,6 +64,12 @@ model_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(model_app, name="model")
+academy_app = typer.Typer(
+    help="Train new layers for personas: academy sessions and the worker that runs them.",
+    epilog='Example: genome-service academy run --persona 3f9a0c1b --goal "Answer like a patient maths tutor"',
+    no_args_is_help=True,
+)
+app.add_typer(academy_app, name="academy")
 
 
 class UserError(Exception):
@@ -448,6 +454,99 @@ async def _stream_answer(backend, messages, stack, sampling):  # type: ignore[no
             sys.stdout.write(event.text)
             sys.stdout.flush()
     raise AssertionError("unreachable: a stream ends with a Finish")
+
+
+@academy_app.command("worker", epilog="Example: genome-service academy worker --once")
+def academy_worker(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="Exit when no session is left to claim.")] = False,
+) -> None:
+    """Claim academy sessions and run them (several workers are safe together); resumes crashed ones."""
+    import threading
+
+    from genome_service.academy.worker import Worker
+
+    context: Context = ctx.obj
+    with context.services() as services:
+        worker = Worker(services, _academy_runner(context, services))
+        context.say("academy worker: waiting for sessions" if not once else "academy worker: running open sessions")
+        worker.run(threading.Event(), until_idle=once,
+                   on_finished=lambda state: context.say(f"session {state.session_id}: {state.status.value}"))
+
+
+@academy_app.command(
+    "run", epilog='Example: genome-service academy run --persona 3f9a0c1b --goal "Sound calm" --steps 200 --plot loss.png'
+)
+def academy_run(
+    ctx: typer.Context,
+    persona: Annotated[str, typer.Option(help="The persona to train a layer for (its genome gets the layer).")],
+    goal: Annotated[str, typer.Option(help="What the persona should become better at.")],
+    steps: Annotated[int, typer.Option(help="Budget: training steps.")] = 100,
+    seconds: Annotated[float, typer.Option(help="Budget: seconds of training.")] = 3600.0,
+    target_similarity: Annotated[float, typer.Option(help="An existing layer this close to the goal is used as is.")] = 0.95,
+    plot: Annotated[Optional[Path], typer.Option(help="Where to write the loss curve PNG (default: data dir).")] = None,  # noqa: UP045
+) -> None:
+    """Start a session for a persona and run it here, with a progress bar and a loss plot at the end."""
+    from genome_service.academy.sessions import loss_curve, start_session
+
+    context: Context = ctx.obj
+    with context.services() as services:
+        session_id = start_session(services, persona, goal, budget_steps=steps, budget_seconds=seconds,
+                                   target_similarity=target_similarity)
+        context.say(f"session {session_id}")
+        state = _run_with_progress(context, services, _academy_runner(context, services), session_id)
+        curve = loss_curve(services, session_id)
+        if curve:
+            path = plot or context.settings.data_dir / "academy" / session_id / "loss.png"
+            _plot_loss(curve, path, goal)
+            context.say(f"loss curve: {path}")
+    typer.echo(f"{session_id} {state.status.value}" + (f": {state.reason}" if state.reason else ""))
+    if state.status.value != "completed":
+        raise typer.Exit(2)
+
+
+def _run_with_progress(context: Context, services: Services, runner, session_id: str):  # type: ignore[no-untyped-def]
+    """Run the session on a thread while a bar shows its recorded steps; Ctrl-C cancels the session."""
+    import threading
+
+    from genome_service.domain.academy import ACADEMY_SESSION, ChangeSessionStatus, SessionStatus
+
+    finished: list = []
+    thread = threading.Thread(target=lambda: finished.append(runner.run(session_id)), daemon=True)
+    thread.start()
+    try:
+        with _progress(context, "training") as advance:
+            while thread.is_alive():
+                state = services.repository.load(ACADEMY_SESSION, session_id).state
+                advance(sum(step for _, step in state.trained_steps), state.budget_steps)
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        services.commands.execute(ACADEMY_SESSION, session_id, ChangeSessionStatus(SessionStatus.CANCELLED, "interrupted"))
+        thread.join()
+    return finished[0] if finished else services.repository.load(ACADEMY_SESSION, session_id).state
+
+
+def _academy_runner(context: Context, services: Services):  # type: ignore[no-untyped-def]
+    from genome_service.academy.runner import Runner, RunnerSettings
+
+    settings = context.settings
+    backend = _open_backend(context, settings)
+    return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings))
+
+
+def _plot_loss(curve: list[tuple[int, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot([step for step, _ in curve], [loss for _, loss in curve], marker="o")
+    axes.set(xlabel="step", ylabel="training loss", title=title[:80])
+    axes.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
 
 
 def _steps(context: Context, label: str):  # type: ignore[no-untyped-def]

@@ -86,6 +86,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     chat_timeout: float = 120.0
     # The prompt budget in tokens; 0 = the model's own context (max_position_embeddings).
     chat_context_tokens: int = 0
+    # Academy (``genome_service/academy/``): challenges per training task, the judge score an
+    # answer needs to be trained on, the peak learning rate, and training steps between
+    # checkpoints (each checkpoint is one progress event).
+    academy_challenges: int = 12
+    academy_keep_score: float = 50.0
+    academy_learning_rate: float = 1e-3
+    academy_checkpoint_every: int = 5
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
@@ -113,6 +120,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_CHAT_DEFAULT_MAX_TOKENS must be within 1..GENOME_CHAT_MAX_TOKENS_LIMIT; GENOME_CHAT_CONTEXT_K >= 0")
         if not self.chat_timeout > 0 or self.chat_context_tokens < 0:
             raise ValueError("GENOME_CHAT_TIMEOUT must be > 0 seconds and GENOME_CHAT_CONTEXT_TOKENS >= 0")
+        if min(self.academy_challenges, self.academy_checkpoint_every) < 1 or not 0 <= self.academy_keep_score <= 100:
+            raise ValueError("GENOME_ACADEMY_CHALLENGES and _CHECKPOINT_EVERY must be >= 1; _KEEP_SCORE within 0..100")
+        if not 0 < self.academy_learning_rate < 1:
+            raise ValueError("GENOME_ACADEMY_LEARNING_RATE must be within (0, 1)")
 
     @property
     def resolved_models_dir(self) -> Path:

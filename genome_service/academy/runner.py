@@ -46,6 +46,7 @@ from genome_service.projections.tables import AcademySessionRow, GenomeRow, Pers
 from genome_service.services.bootstrap import Services
 from genome_service.services.layers import LayerDetails, register_layer
 from genome_service.services.stacks import StackResolver
+from genome_service.settings import Settings
 from inference.backends.base import Backend, ChatMessage, Sampling
 from inference.training import Example, TrainingConfig, data_sha256, train_lora
 
@@ -76,6 +77,16 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     layer_weight: float = 1.0
     training: TrainingConfig = TrainingConfig(learning_rate=1e-3, warmup_steps=2)
     cancel_poll_seconds: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerSettings:
+        return cls(
+            challenges_per_task=settings.academy_challenges,
+            keep_score=settings.academy_keep_score,
+            checkpoint_every=settings.academy_checkpoint_every,
+            training=TrainingConfig(learning_rate=settings.academy_learning_rate, warmup_steps=2,
+                                    device=settings.inference_device),
+        )
 
 
 class SessionCancelled(Exception):
@@ -245,7 +256,9 @@ class Runner:
 
     def _train(self, session_id: str, task: PlanTask, examples: list[Example]) -> str:
         state = self._state(session_id)
-        config = msgspec.structs.replace(self.settings.training, steps=state.budget_steps)
+        base = self.settings.training
+        config = msgspec.structs.replace(base, steps=state.budget_steps,
+                                         warmup_steps=min(base.warmup_steps, state.budget_steps - 1))
         deadline = time.monotonic() + state.budget_seconds
         last_poll = [0.0]
         marks: dict[int, tuple[float, float]] = {}

@@ -1,0 +1,101 @@
+"""The academy worker: claims sessions that need running and runs them, one at a time.
+
+A claim is a lock that dies with its holder, so a worker killed mid-session frees the
+session at once and the next worker to look resumes it from its events:
+
+- PostgreSQL: a session-level advisory lock (`pg_try_advisory_lock`) on a connection kept
+  open for the run; several workers on several machines never run one session together.
+- SQLite (one machine by nature): an exclusive `flock` on a file per session.
+
+Claimable sessions are those the read model shows pending or running (running with no
+lock held means its worker died).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from genome_service.academy.runner import SESSIONS, Runner
+from genome_service.domain.academy import AcademySession, SessionStatus
+from genome_service.services.bootstrap import Services
+
+ACTIVE = (SessionStatus.PENDING.value, SessionStatus.RUNNING.value)
+
+
+class Worker:
+    def __init__(self, services: Services, runner: Runner, *, poll_seconds: float = 1.0) -> None:
+        self.services = services
+        self.runner = runner
+        self.poll_seconds = poll_seconds
+
+    def candidates(self) -> list[str]:
+        """Sessions that need a worker, oldest first."""
+        query = sa.select(SESSIONS.c.session_id).where(SESSIONS.c.status.in_(ACTIVE)).order_by(SESSIONS.c.created_at)
+        with self.services.database.read() as connection:
+            return list(connection.execute(query).scalars())
+
+    def run_next(self) -> AcademySession | None:
+        """Claim and run one session; None when every active session is taken or there is none."""
+        for session_id in self.candidates():
+            with self.claim(session_id) as claimed:
+                if claimed:
+                    return self.runner.run(session_id)
+        return None
+
+    def run(self, stop: threading.Event, *, until_idle: bool = False,
+            on_finished: Callable[[AcademySession], None] | None = None) -> None:
+        """Run sessions until `stop` is set (or, with `until_idle`, until none is left to claim)."""
+        while not stop.is_set():
+            finished = self.run_next()
+            if finished is None:
+                if until_idle:
+                    return
+                stop.wait(self.poll_seconds)
+            elif on_finished is not None:
+                on_finished(finished)
+
+    @contextmanager
+    def claim(self, session_id: str) -> Iterator[bool]:
+        if self.services.database.dialect == "postgresql":
+            with _advisory_lock(self.services, session_id) as held:
+                yield held
+        else:
+            with _file_lock(self.services.settings.data_dir / "academy" / "locks" / f"{session_id}.lock") as held:
+                yield held
+
+
+@contextmanager
+def _advisory_lock(services: Services, session_id: str) -> Iterator[bool]:
+    # Advisory locks take a 64-bit key: the first 8 bytes of the id's digest.
+    key = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big", signed=True)
+    with services.database.write_engine.connect() as connection:
+        held = bool(connection.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar())
+        connection.commit()
+        try:
+            yield held
+        finally:
+            if held:
+                connection.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+                connection.commit()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[bool]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
