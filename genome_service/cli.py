@@ -468,7 +468,7 @@ def academy_worker(
 
     context: Context = ctx.obj
     with context.services() as services:
-        worker = Worker(services, _academy_runner(context, services))
+        worker = Worker(services, lambda: _academy_runner(context, services))
         context.say("academy worker: waiting for sessions" if not once else "academy worker: running open sessions")
         worker.run(threading.Event(), until_idle=once,
                    on_finished=lambda state: context.say(f"session {state.session_id}: {state.status.value}"))
@@ -527,11 +527,14 @@ def _run_with_progress(context: Context, services: Services, runner, session_id:
 
 
 def _academy_runner(context: Context, services: Services):  # type: ignore[no-untyped-def]
-    from genome_service.academy.runner import Runner, RunnerSettings
+    from genome_service.academy.worker import open_runner
+    from inference.models import ModelNotPulled
 
-    settings = context.settings
-    backend = _open_backend(context, settings)
-    return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings))
+    context.say(f"loading {context.settings.inference_model}")
+    try:
+        return open_runner(services)
+    except (KeyError, ModelNotPulled) as error:
+        raise UserError(str(error)) from None
 
 
 def _plot_loss(curve: list[tuple[int, float]], path: Path, title: str) -> None:

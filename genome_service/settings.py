@@ -93,6 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     academy_keep_score: float = 50.0
     academy_learning_rate: float = 1e-3
     academy_checkpoint_every: int = 5
+    # "embedded": `serve` runs sessions on a worker thread of its own; "off": only
+    # `genome-service academy worker` processes run them.
+    academy_worker: Literal["embedded", "off"] = "off"
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,18 +23,43 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from genome_service.academy.runner import SESSIONS, Runner
+from genome_service.academy.runner import SESSIONS, Runner, RunnerSettings
 from genome_service.domain.academy import AcademySession, SessionStatus
 from genome_service.services.bootstrap import Services
 
 ACTIVE = (SessionStatus.PENDING.value, SessionStatus.RUNNING.value)
+log = logging.getLogger("genome_service.academy")
+
+
+def open_runner(services: Services) -> Runner:
+    """A runner on the model the settings name, loaded by the backend they choose."""
+    from inference.backends import detect_backend, open_backend
+
+    settings = services.settings
+    name = settings.inference_backend if settings.inference_backend != "auto" else detect_backend()
+    folder = None if name == "openai" else services.models.folder(settings.inference_model)
+    backend = open_backend(
+        name, folder=folder, model=settings.inference_model, device=settings.inference_device,
+        stack_cache_size=settings.stack_cache_size, base_url=settings.openai_base_url,
+        api_key=settings.openai_api_key, adapter_protocol=settings.openai_adapter_protocol,
+    )  # fmt: skip
+    return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings))
 
 
 class Worker:
-    def __init__(self, services: Services, runner: Runner, *, poll_seconds: float = 1.0) -> None:
+    """Runs sessions with the runner `make_runner` gives, made on the first session (the model loads then)."""
+
+    def __init__(self, services: Services, make_runner: Callable[[], Runner], *, poll_seconds: float = 1.0) -> None:
         self.services = services
-        self.runner = runner
+        self._make_runner = make_runner
+        self._runner: Runner | None = None
         self.poll_seconds = poll_seconds
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            self._runner = self._make_runner()
+        return self._runner
 
     def candidates(self) -> list[str]:
         """Sessions that need a worker, oldest first."""
@@ -69,6 +95,28 @@ class Worker:
         else:
             with _file_lock(self.services.settings.data_dir / "academy" / "locks" / f"{session_id}.lock") as held:
                 yield held
+
+
+class EmbeddedWorker:
+    """The server's own worker thread (GENOME_ACADEMY_WORKER=embedded): started and stopped with the app."""
+
+    def __init__(self, services: Services) -> None:
+        self._worker = Worker(services, lambda: open_runner(services))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="academy-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        # A session in progress keeps its events and checkpoints: the next worker resumes it.
+        self._stop.set()
+
+    def _run(self) -> None:
+        try:
+            self._worker.run(self._stop)
+        except Exception:  # noqa: BLE001 - a thread's error would vanish; log it where operators look
+            log.exception("academy worker stopped")
 
 
 @contextmanager

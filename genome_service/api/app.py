@@ -12,7 +12,8 @@ from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from genome_service.api import genomes, layers, personas, search
+from genome_service.academy.worker import EmbeddedWorker
+from genome_service.api import academy, genomes, layers, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
@@ -29,6 +30,7 @@ REQUEST_TYPES = (
     personas.PersonaCreate, personas.PersonaUpdate, personas.GenomeAssignment,
     genomes.GenomeCreate, genomes.GenomeUpdate, genomes.LayerWeight, genomes.LayerAttachment,
     genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
+    academy.SessionCreate,
 )
 
 
@@ -50,6 +52,8 @@ def create_app(services: Services) -> Litestar:
         if not services.keys.any_active():
             log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
 
+    # Sessions run on a thread of this process only when asked: training is long CPU work.
+    worker = EmbeddedWorker(services) if settings.academy_worker == "embedded" else None
     metrics = RequestMetrics(services)
     middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
     if settings.rate_limit_per_minute:
@@ -63,14 +67,15 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[
             HealthController, metrics.controller(), GenomeController, PersonaController,
             layer_controller(settings.max_adapter_bytes), search.LayerSearchController, search.KnowledgeController,
+            academy.AcademyController,
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[catch_up],
-        on_shutdown=[services.close],
+        on_startup=[catch_up, *([worker.start] if worker else [])],
+        on_shutdown=[*([worker.stop] if worker else []), services.close],
         openapi_config=OpenAPIConfig(
             title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
         ),

@@ -1,0 +1,135 @@
+"""The academy over HTTP against the real server: a session trained to completion by the embedded
+worker on the tiny model, followed live over SSE; owner isolation; cancel; bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import Server
+
+from fixtures.make_model import tiny_spec
+from inference.backends.base import ChatMessage
+from inference.backends.torch import TorchBackend
+from inference.lora.adapter import parse_adapter, to_canonical
+from inference.lora.stack import assemble
+
+MODEL = "tiny-llama"
+WORKER = {
+    "academy_worker": "embedded", "inference_model": MODEL, "inference_backend": "torch", "inference_device": "cpu",
+    "academy_challenges": "3", "academy_keep_score": "0", "academy_learning_rate": "0.01",
+    "academy_checkpoint_every": "5", "rate_limit_per_minute": "0",
+}
+
+
+def sse_events(client: httpx.Client, path: str) -> list[tuple[str, dict]]:
+    """Every (event name, data) of an SSE stream, read until the server ends it."""
+    found, name = [], None
+    with client.stream("GET", path, headers={"Accept": "text/event-stream"}, timeout=300) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                found.append((name, json.loads(line.split(":", 1)[1])))
+    return found
+
+
+def persona_on_tiny_model(client: httpx.Client) -> str:
+    persona = client.post("/personas/", json={"name": "Calm Ada", "system_prompt": "You are calm."}).json()
+    genome = client.post("/genomes/", json={"persona_id": persona["id"], "base_model": MODEL, "name": "calm"}).json()
+    assert client.put(f"/personas/{persona['id']}/genome", json={"genome_id": genome["id"]}).status_code == 200
+    return persona["id"]
+
+
+@pytest.fixture
+def owners(start_server: Callable[..., Server], tiny_model: Path) -> tuple[Server, httpx.Client, httpx.Client]:
+    server = start_server(**WORKER)
+    assert server.cli("model", "register", MODEL, str(tiny_model)).returncode == 0
+    alice, bob = (server.cli("keys", "create", "--owner", who).stdout.strip() for who in ("alice", "bob"))
+    return server, server.client(alice), server.client(bob)
+
+
+def test_a_session_runs_to_completion_over_http_and_its_layer_changes_the_output(owners, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    _, alice, bob = owners
+    persona_id = persona_on_tiny_model(alice)
+    assert bob.post("/academy/sessions/", json={"persona_id": persona_id, "goal": "x"}).status_code == 404
+
+    created = alice.post("/academy/sessions/", json={"persona_id": persona_id, "goal": "Sound calm.", "budget_steps": 15})
+    assert created.status_code == 201 and created.headers["ETag"] == '"1"'
+    session = created.json()
+    assert created.headers["Location"] == f"/academy/sessions/{session['id']}" and session["status"] == "pending"
+    assert bob.get(f"/academy/sessions/{session['id']}").status_code == 404
+
+    streamed = sse_events(alice, f"/academy/sessions/{session['id']}/events")
+
+    names = [name for name, _ in streamed]
+    assert names[0] == "AcademySessionStarted" and names[-1] == "SessionStatusChanged"
+    assert streamed[-1][1]["data"]["status"] == "completed"
+    progress = [data["data"] for name, data in streamed if name == "TrainingProgressed"]
+    assert [p["step"] for p in progress] == [5, 10, 15] and progress[-1]["loss"] < progress[0]["loss"]
+    assert names.count("ChallengeGenerated") == 3 and names.count("LayerProduced") == 1
+    assert [e["type"] for e in alice.get(f"/academy/sessions/{session['id']}/events").json()] == names
+    final = alice.get(f"/academy/sessions/{session['id']}").json()
+    assert (final["status"], final["step"], final["example_count"]) == ("completed", 15, 3)
+    [layer_id] = final["layer_ids"]
+    layer = alice.get(f"/layers/{layer_id}").json()
+    assert layer["training_metrics"]["steps"] == 15 and "academy" in layer["tags"]
+    files = {name: alice.get(f"/layers/{layer_id}/adapter", params={"file": which}).content
+             for name, which in (("adapter_model.safetensors", "weights"), ("adapter_config.json", "config"))}
+    info = parse_adapter(files, tiny_spec(tiny_model), max_rank=64)
+    backend = TorchBackend(tiny_model, device="cpu")
+    ids = backend.encode_chat([ChatMessage("user", "How are you?")])
+    stack = assemble([(layer_id, 1.0, to_canonical(files, info), info.scale)])
+    assert not np.allclose(backend.logits(ids, None), backend.logits(ids, stack), atol=1e-3)
+
+    version = final["version"]
+    refused = alice.post(f"/academy/sessions/{session['id']}/cancel")
+    assert refused.status_code == 409 and refused.json()["rule"] == "session_finished"
+    assert alice.get(f"/academy/sessions/{session['id']}").json()["version"] == version
+
+
+def test_cancel_stops_a_running_session_and_no_layer_is_registered(owners) -> None:  # type: ignore[no-untyped-def]
+    _, alice, _ = owners
+    persona_id = persona_on_tiny_model(alice)
+    session = alice.post("/academy/sessions/", json={"persona_id": persona_id, "goal": "Sound calm.",
+                                                      "budget_steps": 100_000}).json()
+    path = f"/academy/sessions/{session['id']}"
+    with alice.stream("GET", f"{path}/events", headers={"Accept": "text/event-stream"}, timeout=300) as stream:
+        for line in stream.iter_lines():  # live: wait for the first checkpointed training step
+            if line == "event: TrainingProgressed":
+                break
+        cancelled = alice.post(f"{path}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = alice.post(f"{path}/cancel")
+    assert again.status_code == 409 and again.json()["rule"] == "session_finished"
+    assert alice.get(path).json()["layer_ids"] == []
+    assert alice.get("/layers/").json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "rule"),
+    [
+        ({"persona_id": "nobody", "goal": "x"}, 404, "persona_not_found"),
+        ({"goal": "   "}, 422, "goal_required"),
+        ({"goal": "x", "target_similarity": 1.5}, 422, "target_similarity_out_of_range"),
+        ({"goal": "x", "budget_steps": 0}, 400, "bad_request"),
+        ({"goal": "x", "budget_steps": 100_001}, 400, "bad_request"),
+        ({"goal": "x", "budget_seconds": 0}, 400, "bad_request"),
+        ({"goal": "x", "budget": 5}, 400, "bad_request"),
+    ],
+)
+def test_bad_session_input_is_refused_precisely_and_appends_nothing(
+    server: Server, body: dict, status: int, rule: str
+) -> None:
+    client = server.client()
+    persona = client.post("/personas/", json={"name": "Ada"}).json()
+    response = client.post("/academy/sessions/", json={"persona_id": persona["id"], **body})
+    assert response.status_code == status and response.json()["rule"] == rule
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert client.get("/academy/sessions/").json()["items"] == []
+    assert client.post("/academy/sessions/unknown/cancel").status_code == 404
