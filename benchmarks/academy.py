@@ -1,0 +1,190 @@
+"""LoRA training throughput and quality: our trainer against a plain PEFT + torch loop.
+
+    .venv/bin/python benchmarks/academy.py [--quick] [--steps N] [--rounds R] [--device auto]
+
+Both sides train a rank-8 LoRA (alpha 16, q/k/v/o projections, dropout 0) on the default
+model (SmolLM2-135M-Instruct, fp32 weights; `genome-service model pull` first) with the
+same fixed chat data, seed, batch size, AdamW settings, warmup + cosine schedule and
+gradient clipping:
+
+- ours: `inference.training.train_lora` (its progress callback on every step, as the
+  Academy runner uses it);
+- baseline: the loop a PEFT tutorial writes: `get_peft_model`, `torch.optim.AdamW`,
+  `transformers.get_cosine_schedule_with_warmup`, forward/backward/clip/step per batch.
+
+The baseline gets the very batches ours trains on (our tokenisation and batch order,
+made before its clock starts), so the figures compare the training loops, not two data
+pipelines. Rates count target (assistant) tokens and skip each run's first 2 steps
+(allocator and thread-pool warm-up). The sides alternate for `--rounds` rounds; the
+median rate of each is kept.
+
+| figure | meaning |
+| --- | --- |
+| `train_tokens_per_s` | our target tokens per second |
+| `baseline_tokens_per_s` | the baseline's |
+| `train_ratio` | ours / baseline (goal >= 0.9) |
+| `final_loss_ratio` | our mean loss over the last 5 steps / the baseline's (goal <= 1.05) |
+
+The last line of stdout is one JSON object; the full results go to
+`benchmarks/results/academy-<UTC timestamp>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _harness as harness  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "mlx-lm")
+SKIP_STEPS = 2
+LAST_STEPS = 5
+TOPICS = ("tides", "volcanoes", "bread", "bridges", "owls", "glaciers", "chess", "comets", "honey", "maps")
+
+
+def fixed_examples(count: int) -> list[Any]:
+    """Short deterministic chats in one voice: a style an adapter can learn in tens of steps."""
+    from inference.backends.base import ChatMessage
+    from inference.training import Example
+
+    examples = []
+    for number in range(count):
+        topic = TOPICS[number % len(TOPICS)]
+        answer = (
+            f"Ahoy! {topic.capitalize()} be a fine matter, matey. Number {number} of me lessons: "
+            f"{topic} change slowly, and a patient sailor learns their ways. Arr!"
+        )
+        examples.append(
+            Example(
+                (
+                    ChatMessage("system", "You are a pirate tutor who always answers in pirate speak."),
+                    ChatMessage("user", f"Tell me one thing about {topic} (lesson {number})."),
+                    ChatMessage("assistant", answer),
+                )
+            )
+        )
+    return examples
+
+
+def run_ours(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
+    from inference.training import Progress, train_lora
+
+    marks: list[Progress] = []
+    result = train_lora(folder, examples, config, on_progress=marks.append)
+    return _summary(list(result.losses), [(m.seconds, m.tokens) for m in marks])
+
+
+def run_baseline(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from inference.training import IGNORE, batch_indices, collate, load_for_training, tokenize
+
+    model, tokenizer, device = load_for_training(folder, config)
+    rows = tokenize(tokenizer, examples, config.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [collate([rows[i] for i in batch_indices(s, len(rows), config)], pad_id) for s in range(config.steps)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    losses, marks, tokens = [], [], 0
+    started = time.perf_counter()
+    for batch in batches:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+        marks.append((time.perf_counter() - started, tokens))
+    return _summary(losses, marks)
+
+
+def _summary(losses: list[float], marks: list[tuple[float, int]]) -> dict[str, Any]:
+    (t0, n0), (t1, n1) = marks[SKIP_STEPS - 1], marks[-1]
+    return {
+        "tokens_per_s": harness.rate(n1 - n0, t1 - t0),
+        "seconds": t1,
+        "tokens": n1,
+        "first_loss": statistics.fmean(losses[:LAST_STEPS]),
+        "final_loss": statistics.fmean(losses[-LAST_STEPS:]),
+        "losses": losses,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8 steps, one round (a few minutes on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or one of them")
+    parser.add_argument("--models-dir", type=Path, default=None, help="where `model pull` put the default model")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import msgspec
+    import torch
+
+    from inference.backends.torch import pick_device
+    from inference.pull import pull_default
+    from inference.training import TrainingConfig
+
+    models_dir = args.models_dir or Path(os.environ.get("GENOME_MODELS_DIR") or harness.PROJECT_ROOT / ".cache/models")
+    folder, _ = pull_default(models_dir)
+    steps = args.steps or (8 if args.quick else 40)
+    rounds = args.rounds or (1 if args.quick else 2)
+    # The baseline's transformers schedule decays to zero, so ours is set to as well.
+    config = TrainingConfig(
+        rank=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), steps=steps, batch_size=4,
+        learning_rate=2e-4, warmup_steps=2, min_lr_ratio=0.0, max_grad_norm=1.0, seed=0, device=args.device,
+    )
+    examples = fixed_examples(32)
+    watch = harness.Stopwatch()
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
+    for round_number in range(rounds):
+        # Alternate who goes first, so neither side always gets the warmer machine.
+        order = ("baseline", "ours") if round_number % 2 == 0 else ("ours", "baseline")
+        for side in order:
+            harness.log(f"round {round_number + 1}/{rounds}: {side} ({steps} steps)")
+            run = run_ours if side == "ours" else run_baseline
+            runs[side].append(run(folder, examples, config))
+    ours_rate = statistics.median(r["tokens_per_s"] for r in runs["ours"])
+    base_rate = statistics.median(r["tokens_per_s"] for r in runs["baseline"])
+    ours_loss = runs["ours"][0]["final_loss"]
+    base_loss = runs["baseline"][0]["final_loss"]
+    headline = {
+        "train_tokens_per_s": round(ours_rate, 1),
+        "baseline_tokens_per_s": round(base_rate, 1),
+        "train_ratio": round(ours_rate / base_rate, 3),
+        "final_loss_ratio": round(ours_loss / base_loss, 4) if math.isfinite(base_loss) and base_loss else None,
+        "final_loss": round(ours_loss, 4),
+        "baseline_final_loss": round(base_loss, 4),
+        "first_loss": round(runs["ours"][0]["first_loss"], 4),
+        "device": pick_device(args.device),
+        "steps": steps,
+    }
+    results = {
+        "benchmark": "academy", "quick": args.quick, "headline": headline, "runs": runs,
+        "config": msgspec.to_builtins(config), "examples": len(examples),
+        "threads": torch.get_num_threads(), "seconds": watch.elapsed, "hardware": harness.hardware_metadata(PACKAGES),
+    }
+    path = harness.save_results("academy", results)
+    harness.print_table("academy", ["figure", "value"], [[k, v] for k, v in headline.items()])
+    harness.log(f"saved {path}")
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
