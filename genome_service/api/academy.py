@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIResponse, Schema
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_201_CREATED
@@ -156,3 +157,16 @@ async def _follow(services: Services, session_id: str) -> AsyncIterator[ServerSe
         if state is not None and state.status in TERMINAL and services.store.stream_version(session_id) == version:
             return
         await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+
+def document_events(schema: OpenAPI) -> None:
+    """The events answer is JSON, or SSE when asked for: document both media types of its 200."""
+    operation = (schema.paths or {})["/academy/sessions/{session_id}/events"].get
+    assert operation is not None and operation.responses is not None
+    answer = operation.responses["200"]
+    assert isinstance(answer, OpenAPIResponse) and answer.content is not None
+    json_body = answer.content.pop(SSE)
+    answer.content = {
+        MediaType.JSON.value: json_body,
+        SSE: OpenAPIMediaType(schema=Schema(description="Server-sent events, one per session event, named by its type")),
+    }

@@ -81,6 +81,7 @@ def create_app(services: Services) -> Litestar:
         ),
     )
     document_conventions(app.openapi_schema, REQUEST_TYPES)
+    academy.document_events(app.openapi_schema)
     return app
 
 

@@ -47,7 +47,8 @@ SEED = 20260101
 MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", "25"))
 PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
-KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge"}
+KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
+         "session_id": "academy_session"}
 
 
 @schemathesis.check
@@ -123,7 +124,10 @@ def seed(seeded: Seeded) -> None:
         ]
         layers = [created("POST", "/layers", **adapter_upload(seed)) for seed in (0, 1)]
         created("POST", "/genomes/{genome_id}/layers", {"genome_id": genomes[0]}, json={"layer_id": layers[0]})
-    seeded.ids = {"persona_id": personas, "genome_id": genomes, "layer_id": layers}
+        # No academy worker runs in this server: sessions stay pending and nothing trains.
+        sessions = [created("POST", "/academy/sessions", json={"persona_id": personas[0], "goal": goal})
+                    for goal in ("Sound calm.", "Explain maths patiently.")]
+    seeded.ids = {"persona_id": personas, "genome_id": genomes, "layer_id": layers, "session_id": sessions}
 
 
 @pytest.fixture
