@@ -13,7 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from genome_service.academy.worker import EmbeddedWorker
-from genome_service.api import academy, genomes, layers, personas, search
+from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
@@ -22,6 +22,7 @@ from genome_service.api.layers import layer_controller
 from genome_service.api.metrics import RequestMetrics
 from genome_service.api.openapi import document_conventions
 from genome_service.api.personas import PersonaController
+from genome_service.chat.runtime import ChatRuntime
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
 
@@ -30,7 +31,7 @@ REQUEST_TYPES = (
     personas.PersonaCreate, personas.PersonaUpdate, personas.GenomeAssignment,
     genomes.GenomeCreate, genomes.GenomeUpdate, genomes.LayerWeight, genomes.LayerAttachment,
     genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
-    academy.SessionCreate,
+    chat.ChatCreate, chat.ChatMessageIn, openai_compat.CompletionCreate, openai_compat.StreamOptions, academy.SessionCreate,
 )
 
 
@@ -41,8 +42,14 @@ def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
 def create_app(services: Services) -> Litestar:
     settings = services.settings
 
+    # The process's one inference engine: loaded on the first chat, closed on shutdown.
+    runtime = ChatRuntime(services)
+
     def provide_services() -> Services:
         return services
+
+    def provide_chat() -> ChatRuntime:
+        return runtime
 
     def catch_up() -> None:
         # Events appended by a process that did not project inline (a crash, a bulk import).
@@ -55,6 +62,7 @@ def create_app(services: Services) -> Litestar:
     # Sessions run on a thread of this process only when asked: training is long CPU work.
     worker = EmbeddedWorker(services) if settings.academy_worker == "embedded" else None
     metrics = RequestMetrics(services)
+    metrics.registry.register(chat.EngineCollector(runtime))
     middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
     if settings.rate_limit_per_minute:
         limit = RateLimitConfig(
@@ -67,21 +75,24 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[
             HealthController, metrics.controller(), GenomeController, PersonaController,
             layer_controller(settings.max_adapter_bytes), search.LayerSearchController, search.KnowledgeController,
-            academy.AcademyController,
+            chat.ChatController, openai_compat.OpenAIController, academy.AcademyController,
         ],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        dependencies={"services": Provide(provide_services, sync_to_thread=False),
+                      "chat": Provide(provide_chat, sync_to_thread=False)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
         on_startup=[catch_up, *([worker.start] if worker else [])],
-        on_shutdown=[*([worker.stop] if worker else []), services.close],
+        on_shutdown=[*([worker.stop] if worker else []), runtime.close, services.close],
         openapi_config=OpenAPIConfig(
             title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
         ),
     )
     document_conventions(app.openapi_schema, REQUEST_TYPES)
     academy.document_events(app.openapi_schema)
+    chat.document_chat(app.openapi_schema)
+    chat.document_chat(app.openapi_schema, "/v1/chat/completions")
     return app
 
 

@@ -25,6 +25,8 @@ from litestar.status_codes import (
 )
 from sqlalchemy.exc import DataError, OperationalError
 
+from genome_service.chat.runtime import ChatUnavailable
+from genome_service.chat.turn import ChatRefused
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
 from genome_service.services.search import SearchRefused
@@ -98,6 +100,8 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
                 UnknownModel: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "unknown_base_model", str(e)),
                 SearchRefused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),
                 VectorError: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),
+                ChatRefused: lambda e: problem(e.status, e.rule, str(e)),
+                ChatUnavailable: lambda e: problem(HTTP_503_SERVICE_UNAVAILABLE, "model_unavailable", str(e)),
                 NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
                 Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
             }

@@ -66,12 +66,12 @@ class TurnRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Reply(msgspec.Struct, frozen=True):
-    """A finished turn as recorded (``conversation_id`` is None when nothing was recorded)."""
+    """A finished turn as recorded; a failed one (``failure`` set) is not recorded."""
 
-    conversation_id: str | None
+    conversation_id: str
     content: str
     generation: Generation
-    error: str | None = None
+    failure: ChatRefused | None = None
 
 
 class _Prepared(msgspec.Struct, frozen=True):
@@ -89,6 +89,7 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
     Refusals (``ChatRefused``, ``DomainError``) are raised before the first token.
     Closing the iterator early cancels generation and records nothing.
     """
+    validate_asked(request.messages)  # before loading a model for a request that cannot run
     loaded = await runtime.ready()
     prepared = await asyncio.to_thread(_prepare, services, loaded, request)
     try:
@@ -117,7 +118,10 @@ async def _finish(services: Services, prepared: _Prepared, content: str, finish:
         citations=tuple(Citation(p.id, round(p.score, 6)) for p in prepared.prompt.passages),
     )
     if finish.reason not in CLEAN_ENDS:
-        return Reply(None, content, generation, finish.error or finish.reason)
+        elapsed = asyncio.get_running_loop().time() - started
+        timed_out = elapsed >= prepared.loaded.engine.timeout
+        rule = "generation_timed_out" if timed_out else "generation_failed"
+        return Reply(prepared.conversation_id, content, generation, ChatRefused(503, rule, finish.error or finish.reason))
     command = RecordTurn(prepared.conversation_id, request.persona_id, request.owner, request.messages,
                          Message("assistant", content, generation))
     await asyncio.to_thread(services.commands.execute, CONVERSATION, prepared.conversation_id, command, metadata=metadata)
@@ -132,7 +136,6 @@ def _prepare(services: Services, loaded: Loaded, request: TurnRequest) -> _Prepa
         sampling = Sampling(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens, seed=request.seed)
     except ValueError as error:
         raise ChatRefused(422, "sampling_out_of_range", str(error)) from None
-    validate_asked(request.messages)
     system_prompt, layers = loaded.resolver.persona(request.persona_id)
     conversation_id, history = _history(services, request)
     budget = loaded.context - request.max_tokens

@@ -23,6 +23,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +41,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from fixtures.make_adapter import make_adapter_files
+from inference.models import ModelCatalog
 
 BASE = "smollm2-135m-instruct"
 SEED = 20260101
@@ -48,7 +50,7 @@ MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", "25"))
 PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
 KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
-         "session_id": "academy_session"}
+         "conversation_id": "conversation", "session_id": "academy_session"}
 
 
 @schemathesis.check
@@ -127,13 +129,22 @@ def seed(seeded: Seeded) -> None:
         # No academy worker runs in this server: sessions stay pending and nothing trains.
         sessions = [created("POST", "/academy/sessions", json={"persona_id": personas[0], "goal": goal})
                     for goal in ("Sound calm.", "Explain maths patiently.")]
-    seeded.ids = {"persona_id": personas, "genome_id": genomes, "layer_id": layers, "session_id": sessions}
+        chat = client.post(f"/personas/{personas[0]}/chat", json={"messages": [{"role": "user", "content": "Hello"}]})
+        assert chat.status_code == 200, chat.text
+        conversations = [chat.json()["conversation_id"]]
+    seeded.ids = {"persona_id": personas, "genome_id": genomes, "layer_id": layers, "session_id": sessions,
+                  "conversation_id": conversations}
 
 
 @pytest.fixture
-def seeded(start_server: Callable[..., Server]) -> Seeded:
-    # No rate limit: the fuzzer sends far more than 1200 requests a minute.
-    server = start_server(rate_limit_per_minute="0")
+def seeded(start_server: Callable[..., Server], tiny_model: Path, tmp_path: Path) -> Seeded:
+    # No rate limit: the fuzzer sends far more than 1200 requests a minute. Chat runs on the tiny
+    # random model and a few tokens at most, so a fuzzed chat is quick and finds a model to load.
+    ModelCatalog(tmp_path / "models").register_local("tiny", tiny_model)
+    server = start_server(
+        rate_limit_per_minute="0", models_dir=str(tmp_path / "models"), inference_model="tiny", inference_backend="torch",
+        inference_device="cpu", chat_max_tokens_limit="8", chat_default_max_tokens="8",
+    )
     result = Seeded(server, load_schema(server))
     seed(result)
     return result
