@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 
@@ -172,3 +174,27 @@ async def test_refused_turns_append_nothing(chat: Services) -> None:
     assert (empty.value.rule, unknown.value.rule, no_persona.value.rule) == (
         "message_required", "conversation_not_found", "persona_not_found")
     assert chat.store.last_position() == before
+
+
+@sync
+async def test_a_turn_past_its_timeout_ends_as_a_timeout_and_records_nothing(chat: Services) -> None:
+    hasty = msgspec.structs.replace(chat, settings=msgspec.structs.replace(chat.settings, chat_timeout=1e-4))
+    runtime = ChatRuntime(hasty)
+    try:
+        _, reply = await collect(run_turn(hasty, runtime, ask("hello", max_tokens=200), NO_METADATA))
+    finally:
+        await runtime.close()
+    assert reply.failure is not None and (reply.failure.status, reply.failure.rule) == (503, "generation_timed_out")
+    assert not [e for e in chat.store.read_all(after_position=0) if e.stream_type == "conversation"]
+
+
+@sync
+async def test_prompts_and_replies_stay_out_of_logs_at_info_and_above(chat: Services, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    runtime = ChatRuntime(chat)
+    try:
+        _, reply = await collect(run_turn(chat, runtime, ask("Whisper the secret word zanzibarite."), NO_METADATA))
+    finally:
+        await runtime.close()
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert reply.content and not [m for m in logged if "zanzibarite" in m or reply.content in m or FACT in m]
