@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
-import sqlalchemy as sa
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.enums import RequestEncodingType
@@ -32,17 +31,16 @@ from genome_service.api.resources import MAX_PAGE, caller_of, page, visible_row,
 from genome_service.domain.knowledge import KNOWLEDGE, RemoveKnowledge
 from genome_service.domain.layer import TraitType
 from genome_service.projections.queries import get_row
-from genome_service.projections.tables import KnowledgeChunkRow, KnowledgeRow, LayerRow, PersonaRow
+from genome_service.projections.tables import KnowledgeRow, LayerRow, PersonaRow
 from genome_service.services.bootstrap import Services
 from genome_service.services.knowledge import add_knowledge
-from genome_service.services.search import SearchRefused, chunk_key
+from genome_service.services.search import SearchRefused
 from rag.index import normalise
-from rag.retriever import Candidate, select
+from rag.retriever import select
 
 LAYERS = LayerRow.__table__  # type: ignore[attr-defined]
 PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
 DOCUMENTS = KnowledgeRow.__table__  # type: ignore[attr-defined]
-CHUNKS = KnowledgeChunkRow.__table__  # type: ignore[attr-defined]
 # MMR and a token budget choose among this many times k of the best chunks.
 CANDIDATES_PER_RESULT = 4
 
@@ -240,12 +238,7 @@ class KnowledgeController(Controller):
             raise SearchRefused("mmr_out_of_range", f"mmr (lambda) must be within [0, 1] (got {mmr})")
         query = search.query_vector(q)
         wanted = k if max_tokens is None and mmr is None else k * CANDIDATES_PER_RESULT
-        hits = search.current().search_knowledge(query, wanted, persona_id)
-        texts = _chunk_texts(services, persona_id, {hit.key.rpartition(":")[0] for hit, _ in hits})
-        candidates = [
-            Candidate(hit.key, hit.key.rpartition(":")[0], texts[hit.key], hit.score, vector)
-            for hit, vector in hits if hit.key in texts
-        ]
+        candidates = search.knowledge_candidates(query, wanted, persona_id)
         passages = select(candidates, k=k, token_budget=max_tokens, count_tokens=search.embedder.count_tokens, mmr_lambda=mmr)
         return [KnowledgePassage(p.id, p.source_id, p.text, p.score, p.tokens) for p in passages]
 
@@ -256,13 +249,3 @@ class KnowledgeController(Controller):
         document = _document(row)
         return with_etag(document, document.version, HTTP_201_CREATED, {"Location": f"/personas/{document.persona_id}/knowledge"})
 
-
-def _chunk_texts(services: Services, persona_id: str, knowledge_ids: set[str]) -> dict[str, str]:
-    """Chunk key -> text, for the live chunks of these documents of this persona."""
-    if not knowledge_ids:
-        return {}
-    statement = sa.select(CHUNKS.c.knowledge_id, CHUNKS.c.ordinal, CHUNKS.c.text).where(
-        CHUNKS.c.persona_id == persona_id, CHUNKS.c.knowledge_id.in_(sorted(knowledge_ids)),
-    )
-    with services.database.read() as connection:
-        return {chunk_key(kid, ordinal): text for kid, ordinal, text in connection.execute(statement)}

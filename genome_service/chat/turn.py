@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import msgspec
-import sqlalchemy as sa
 
 from genome_service.chat.prompt import Prompt, PromptTooLong, assemble, fit_history
 from genome_service.chat.runtime import ChatRuntime, Loaded
@@ -29,16 +28,13 @@ from genome_service.domain.conversation import (
     validate_asked,
 )
 from genome_service.eventstore.records import EventMetadata
-from genome_service.projections.tables import KnowledgeChunkRow
 from genome_service.services.bootstrap import Services
 from genome_service.services.creation import new_id
-from genome_service.services.search import chunk_key
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.engine import QueueFull
 from inference.lora.stack import LoraStack
-from rag.retriever import Candidate, Passage, select
+from rag.retriever import Passage, select
 
-CHUNKS = KnowledgeChunkRow.__table__  # type: ignore[attr-defined]
 # Nearest chunks fetched per passage wanted, so the token budget can pass over long ones.
 CANDIDATES_PER_PASSAGE = 4
 CLEAN_ENDS = ("stop", "length", "repetition")
@@ -91,7 +87,7 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
     """
     validate_asked(request.messages)  # before loading a model for a request that cannot run
     loaded = await runtime.ready()
-    prepared = await asyncio.to_thread(_prepare, services, loaded, request)
+    prepared = await asyncio.to_thread(prepare_turn, services, loaded, request)
     try:
         events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling)
     except QueueFull as error:
@@ -128,7 +124,7 @@ async def _finish(services: Services, prepared: _Prepared, content: str, finish:
     return Reply(prepared.conversation_id, content, generation)
 
 
-def _prepare(services: Services, loaded: Loaded, request: TurnRequest) -> _Prepared:
+def prepare_turn(services: Services, loaded: Loaded, request: TurnRequest) -> _Prepared:
     """Everything before the first token; runs in a worker thread (database, embedder, tokenizer)."""
     if request.max_tokens >= loaded.context:
         raise ChatRefused(422, "max_tokens_out_of_range", f"max_tokens must be below the model's context of {loaded.context}")
@@ -163,19 +159,6 @@ def _retrieve(services: Services, request: TurnRequest, loaded: Loaded, room: in
     """The persona's chunks nearest the newest user message, best first, within ``room`` tokens."""
     search = services.search
     query = search.query_vector(request.messages[-1].content)
-    hits = search.current().search_knowledge(query, request.context_k * CANDIDATES_PER_PASSAGE, request.persona_id)
-    texts = _chunk_texts(services, request.persona_id, {hit.key.rpartition(":")[0] for hit, _ in hits})
-    candidates = [Candidate(hit.key, hit.key.rpartition(":")[0], texts[hit.key], hit.score, vector)
-                  for hit, vector in hits if hit.key in texts]
+    candidates = search.knowledge_candidates(query, request.context_k * CANDIDATES_PER_PASSAGE, request.persona_id)
     return select(candidates, k=request.context_k, token_budget=room, count_tokens=loaded.count_text)
-
-
-def _chunk_texts(services: Services, persona_id: str, knowledge_ids: set[str]) -> dict[str, str]:
-    if not knowledge_ids:
-        return {}
-    statement = sa.select(CHUNKS.c.knowledge_id, CHUNKS.c.ordinal, CHUNKS.c.text).where(
-        CHUNKS.c.persona_id == persona_id, CHUNKS.c.knowledge_id.in_(sorted(knowledge_ids)),
-    )
-    with services.database.read() as connection:
-        return {chunk_key(kid, ordinal): text for kid, ordinal, text in connection.execute(statement)}
 

@@ -18,20 +18,24 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import sqlalchemy as sa
 
 from genome_service.domain.common import Decider
 from genome_service.domain.knowledge import KNOWLEDGE, Knowledge
 from genome_service.domain.layer import LAYER, Layer
 from genome_service.eventstore.records import RecordedEvent
 from genome_service.eventstore.repository import Repository
+from genome_service.projections.tables import KnowledgeChunkRow
 from genome_service.settings import Settings
 from rag.embedder import Embedder
 from rag.index import Filter, Hit, IndexConfig, VectorIndex
+from rag.retriever import Candidate
 
 Progress = Callable[[int, int], None]
 PUBLIC = "*"  # the audience of a public layer; a private one's is its owner
 LAYER_ATTRIBUTES = ("audience", "trait_type", "base_model")
 KNOWLEDGE_ATTRIBUTES = ("persona_id",)
+CHUNKS = KnowledgeChunkRow.__table__  # type: ignore[attr-defined]
 
 
 class SearchRefused(ValueError):
@@ -244,3 +248,20 @@ class SearchIndexes:
             assert index is not None
             hits = index.search(query, k, Filter({"persona_id": frozenset({persona_id})}))
             return [(hit, index.vector(hit.key)) for hit in hits]
+
+    def knowledge_candidates(self, query: np.ndarray, k: int, persona_id: str) -> list[Candidate]:
+        """The persona's ``k`` nearest live chunks with their texts (from the read model), best first."""
+        hits = self.current().search_knowledge(query, k, persona_id)
+        texts = self._chunk_texts(persona_id, {hit.key.rpartition(":")[0] for hit, _ in hits})
+        return [Candidate(hit.key, hit.key.rpartition(":")[0], texts[hit.key], hit.score, vector)
+                for hit, vector in hits if hit.key in texts]
+
+    def _chunk_texts(self, persona_id: str, knowledge_ids: set[str]) -> dict[str, str]:
+        """Chunk key -> text, for the live chunks of these documents of this persona."""
+        if not knowledge_ids:
+            return {}
+        statement = sa.select(CHUNKS.c.knowledge_id, CHUNKS.c.ordinal, CHUNKS.c.text).where(
+            CHUNKS.c.persona_id == persona_id, CHUNKS.c.knowledge_id.in_(sorted(knowledge_ids)),
+        )
+        with self.store.database.read() as connection:
+            return {chunk_key(kid, ordinal): text for kid, ordinal, text in connection.execute(statement)}

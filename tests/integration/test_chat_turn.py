@@ -110,9 +110,9 @@ async def test_a_continued_turn_sees_the_history_and_the_knowledge_only_as_delim
     try:
         _, first = await collect(run_turn(chat, runtime, ask("Tell me about Quillon."), NO_METADATA))
         loaded = await runtime.ready()
-        from genome_service.chat.turn import _prepare
+        from genome_service.chat.turn import prepare_turn
 
-        prepared = _prepare(chat, loaded, ask("And its moon?", conversation_id=first.conversation_id))
+        prepared = prepare_turn(chat, loaded, ask("And its moon?", conversation_id=first.conversation_id))
         _, second = await collect(run_turn(chat, runtime, ask("And its moon?", conversation_id=first.conversation_id), NO_METADATA))
     finally:
         await runtime.close()
