@@ -12,16 +12,18 @@ session being cancelled.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from genome_service.academy.judge import complete, judge
+from genome_service.academy.judge import Judgement, complete, judge
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
     TERMINAL,
     AcademySession,
+    Challenge,
     ChangeSessionStatus,
     Difficulty,
     ExampleKept,
@@ -158,6 +160,39 @@ class Runner:
             row = get_row(connection, SESSIONS, "session_id", session_id)
         if row is not None and row["status"] == SessionStatus.CANCELLED.value:
             raise SessionCancelled(session_id)
+
+    # --- challenges on demand (the API) ------------------------------------------------------
+
+    def add_challenge(self, session_id: str, trait: TraitType, difficulty: Difficulty,
+                      metadata: EventMetadata) -> Challenge:
+        """A model-written challenge recorded in the session (checked first: no generation for a refusal)."""
+        state = self._state(session_id)
+        challenge_id = f"x{len(state.challenges)}-{uuid.uuid4().hex[:8]}"
+        ACADEMY_SESSION.decide(RecordChallenge(challenge_id, trait, difficulty, "check"), state)
+        prompt = self._generate_challenge(state.goal, trait, difficulty, len(state.challenges))
+        command = RecordChallenge(challenge_id, trait, difficulty, prompt, (state.goal,))
+        self.services.commands.execute(ACADEMY_SESSION, session_id, command, metadata=metadata)
+        challenge = self._state(session_id).challenge(challenge_id)
+        assert challenge is not None
+        return challenge
+
+    def score_response(self, session_id: str, challenge_id: str, response: str,
+                       metadata: EventMetadata) -> Judgement:
+        """Judge an answer to one of the session's challenges; kept as an example when it scores enough."""
+        state = self._state(session_id)
+        ACADEMY_SESSION.decide(ScoreResponse(challenge_id, response, 0.0, "check", "model"), state)
+        challenge = state.challenge(challenge_id)
+        assert challenge is not None
+        verdict = judge(self.backend, challenge.prompt, challenge.criteria, response,
+                        retries=self.settings.judge_retries, max_tokens=self.settings.judge_tokens)
+        command = ScoreResponse(challenge_id, response, verdict.score, verdict.rationale, verdict.judge)
+        self.services.commands.execute(ACADEMY_SESSION, session_id, command, metadata=metadata)
+        if verdict.score >= self.settings.keep_score:
+            system, _ = self.stacks.persona(state.persona_id)
+            messages = (ExampleMessage("system", system.strip() or DEFAULT_SYSTEM),
+                        ExampleMessage("user", challenge.prompt), ExampleMessage("assistant", response))
+            self._execute(session_id, KeepExample(challenge_id, messages))
+        return verdict
 
     # --- plan -----------------------------------------------------------------------------
 

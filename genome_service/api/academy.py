@@ -7,6 +7,7 @@ when `GENOME_ACADEMY_WORKER=embedded`); this controller only appends and reads.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -18,7 +19,9 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_201_CREATED
 
+from genome_service.academy.runner import Runner
 from genome_service.academy.sessions import start_session
+from genome_service.academy.worker import open_runner
 from genome_service.api.conventions import Page, command_metadata, expected_version
 from genome_service.api.resources import MAX_PAGE, EventView, caller_of, event_views, page, visible_row, with_etag
 from genome_service.domain.academy import (
@@ -27,9 +30,11 @@ from genome_service.domain.academy import (
     MAX_BUDGET_STEPS,
     TERMINAL,
     ChangeSessionStatus,
+    Difficulty,
     SessionStatus,
 )
 from genome_service.domain.common import DomainError
+from genome_service.domain.layer import TraitType
 from genome_service.projections.tables import AcademySessionRow
 from genome_service.services.bootstrap import Services
 
@@ -44,6 +49,45 @@ class SessionCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     target_similarity: float = 0.95
     budget_steps: Annotated[int, msgspec.Meta(ge=1, le=MAX_BUDGET_STEPS)] = 100
     budget_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_BUDGET_SECONDS)] = 3600.0
+
+
+class ChallengeCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    trait_type: TraitType
+    difficulty: Difficulty = Difficulty.INTERMEDIATE
+
+
+class ResponseCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    response: str
+
+
+class ChallengeView(msgspec.Struct, frozen=True):
+    id: str
+    trait_type: TraitType
+    difficulty: Difficulty
+    prompt: str
+    criteria: list[str]
+
+
+class Score(msgspec.Struct, frozen=True):
+    challenge_id: str
+    score: float  # 0..100
+    rationale: str
+    judge: str  # "model", or "heuristic" when the model's verdicts stayed malformed
+
+
+class AcademyModel:
+    """The model on-demand challenges and judging run on: loaded on the first such request."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._lock = threading.Lock()
+        self._runner: Runner | None = None
+
+    def runner(self) -> Runner:
+        with self._lock:
+            if self._runner is None:
+                self._runner = open_runner(self._services)
+            return self._runner
 
 
 class Session(msgspec.Struct, frozen=True):
@@ -128,6 +172,30 @@ class AcademyController(Controller):
         session = self._session(request, services, session_id)
         return with_etag(session, session.version)
 
+    @post("/{session_id:str}/challenges", operation_id="createAcademyChallenge", status_code=HTTP_201_CREATED,
+          sync_to_thread=True)
+    def challenge(
+        self, request: Request[Any, Any, Any], services: Services, academy_model: AcademyModel, session_id: str,
+        data: ChallengeCreate,
+    ) -> ChallengeView:
+        """A challenge the model writes for this session's goal, of the trait type and difficulty asked."""
+        owner = self._owned(request, services, session_id)
+        made = academy_model.runner().add_challenge(session_id, data.trait_type, data.difficulty,
+                                                    command_metadata(request, owner))
+        return ChallengeView(made.challenge_id, made.trait_type, made.difficulty, made.prompt, list(made.criteria))
+
+    @post("/{session_id:str}/challenges/{challenge_id:str}/responses", operation_id="scoreAcademyResponse",
+          status_code=HTTP_201_CREATED, sync_to_thread=True)
+    def response(
+        self, request: Request[Any, Any, Any], services: Services, academy_model: AcademyModel, session_id: str,
+        challenge_id: str, data: ResponseCreate,
+    ) -> Score:
+        """Judge an answer to a challenge: a score 0-100 with its rationale (one response per challenge)."""
+        owner = self._owned(request, services, session_id)
+        verdict = academy_model.runner().score_response(session_id, challenge_id, data.response,
+                                                        command_metadata(request, owner))
+        return Score(challenge_id, verdict.score, verdict.rationale, verdict.judge)
+
     # The handler's media type is the stream's; the JSON answer names its own (as chat does).
     @get("/{session_id:str}/events", operation_id="academySessionEvents", media_type=SSE, sync_to_thread=False)
     def events(self, request: Request[Any, Any, Any], services: Services, session_id: str) -> Response[list[EventView]]:
@@ -137,6 +205,11 @@ class AcademyController(Controller):
         if SSE in request.headers.get("accept", ""):
             return ServerSentEvent(_follow(services, session_id))
         return Response(event_views(services.store.read_stream(session_id)), media_type=MediaType.JSON)
+
+    def _owned(self, request: Request[Any, Any, Any], services: Services, session_id: str) -> str:
+        visible_row(services, TABLE, "session_id", session_id, caller_of(request), "academy_session",
+                    archived_column=None)
+        return caller_of(request).owner
 
     def _session(self, request: Request[Any, Any, Any], services: Services, session_id: str) -> Session:
         row = visible_row(services, TABLE, "session_id", session_id, caller_of(request), "academy_session",

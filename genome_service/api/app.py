@@ -31,7 +31,8 @@ REQUEST_TYPES = (
     personas.PersonaCreate, personas.PersonaUpdate, personas.GenomeAssignment,
     genomes.GenomeCreate, genomes.GenomeUpdate, genomes.LayerWeight, genomes.LayerAttachment,
     genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
-    chat.ChatCreate, chat.ChatMessageIn, openai_compat.CompletionCreate, openai_compat.StreamOptions, academy.SessionCreate,
+    chat.ChatCreate, chat.ChatMessageIn, openai_compat.CompletionCreate, openai_compat.StreamOptions,
+    academy.SessionCreate, academy.ChallengeCreate, academy.ResponseCreate,
 )
 
 
@@ -61,6 +62,11 @@ def create_app(services: Services) -> Litestar:
 
     # Sessions run on a thread of this process only when asked: training is long CPU work.
     worker = EmbeddedWorker(services) if settings.academy_worker == "embedded" else None
+    academy_model = academy.AcademyModel(services)
+
+    def provide_academy_model() -> academy.AcademyModel:
+        return academy_model
+
     metrics = RequestMetrics(services)
     metrics.registry.register(chat.EngineCollector(runtime))
     middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
@@ -77,7 +83,8 @@ def create_app(services: Services) -> Litestar:
             layer_controller(settings.max_adapter_bytes), search.LayerSearchController, search.KnowledgeController,
             chat.ChatController, openai_compat.OpenAIController, academy.AcademyController,
         ],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False),
+        dependencies={"academy_model": Provide(provide_academy_model, sync_to_thread=False),
+                      "services": Provide(provide_services, sync_to_thread=False),
                       "chat": Provide(provide_chat, sync_to_thread=False)},
         middleware=middleware,
         plugins=[problem_details_plugin()],

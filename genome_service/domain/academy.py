@@ -395,7 +395,7 @@ def _scored(command: ScoreResponse, state: AcademySession) -> ResponseScored:
     challenge = state.challenge(command.challenge_id)
     require(challenge is not None, "challenge_not_found", f"no challenge {command.challenge_id} in this session")
     assert challenge is not None
-    require(challenge.score is None, "challenge_already_scored", f"challenge {command.challenge_id} is already scored")
+    require(challenge.score is None, "response_exists", f"challenge {command.challenge_id} is already scored")
     require(
         math.isfinite(command.score) and 0.0 <= command.score <= 100.0,
         "score_out_of_range",

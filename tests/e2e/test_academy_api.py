@@ -133,3 +133,40 @@ def test_bad_session_input_is_refused_precisely_and_appends_nothing(
     assert response.headers["content-type"].startswith("application/problem+json")
     assert client.get("/academy/sessions/").json()["items"] == []
     assert client.post("/academy/sessions/unknown/cancel").status_code == 404
+
+
+def test_challenges_on_demand_are_written_by_the_model_and_answers_judged_into_0_to_100(
+    start_server: Callable[..., Server], tiny_model: Path
+) -> None:
+    server = start_server(**{**WORKER, "academy_worker": "off"})
+    assert server.cli("model", "register", MODEL, str(tiny_model)).returncode == 0
+    client = server.client()
+    persona_id = persona_on_tiny_model(client)
+    session = client.post("/academy/sessions/", json={"persona_id": persona_id, "goal": "Sound calm."}).json()
+    path = f"/academy/sessions/{session['id']}/challenges"
+
+    made = client.post(path, json={"trait_type": "tone_and_voice", "difficulty": "advanced"})
+    assert made.status_code == 201, made.text
+    challenge = made.json()
+    assert challenge["prompt"].strip() and (challenge["trait_type"], challenge["difficulty"]) == ("tone_and_voice", "advanced")
+    scored = client.post(f"{path}/{challenge['id']}/responses", json={"response": "Breathe. All is well."})
+
+    # The random tiny model never writes a valid verdict: retried, then the heuristic scores it.
+    assert scored.status_code == 201, scored.text
+    score = scored.json()
+    assert score["judge"] == "heuristic" and 0 <= score["score"] <= 100 and score["rationale"]
+    types = [e["type"] for e in client.get(f"/academy/sessions/{session['id']}/events").json()]
+    assert types == ["AcademySessionStarted", "ChallengeGenerated", "ResponseScored", "ExampleKept"]
+
+    again = client.post(f"{path}/{challenge['id']}/responses", json={"response": "Again."})
+    assert again.status_code == 409 and again.json()["rule"] == "response_exists"
+    fresh = client.post(path, json={"trait_type": "tone_and_voice"}).json()
+    blank = client.post(f"{path}/{fresh['id']}/responses", json={"response": "  "})
+    assert blank.status_code == 422 and blank.json()["rule"] == "response_required"
+    assert client.post(f"{path}/nope/responses", json={"response": "x"}).json()["rule"] == "challenge_not_found"
+    assert client.post(path, json={"trait_type": "humour"}).status_code == 400
+    before = len(client.get(f"/academy/sessions/{session['id']}/events").json())
+    client.post(f"/academy/sessions/{session['id']}/cancel")
+    finished = client.post(path, json={"trait_type": "tone_and_voice"})
+    assert finished.status_code == 409 and finished.json()["rule"] == "session_finished"
+    assert len(client.get(f"/academy/sessions/{session['id']}/events").json()) == before + 1  # the cancel only

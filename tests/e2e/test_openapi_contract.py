@@ -50,7 +50,8 @@ MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", "25"))
 PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
 KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
-         "conversation_id": "conversation", "session_id": "academy_session"}
+         "conversation_id": "conversation", "session_id": "academy_session",
+         "challenge_id": "challenge"}
 
 
 @schemathesis.check
@@ -238,7 +239,8 @@ def test_unknown_ids_are_404_problem_details_everywhere(server: Server, subtests
         names = [parameter.name for parameter in operation.path_parameters]
         if not names:
             continue
-        body = {"name": "x", "text": "x", "layer_id": "no-such-layer", "genome_id": "no-such-genome", "layers": []}
+        body = {"name": "x", "text": "x", "layer_id": "no-such-layer", "genome_id": "no-such-genome", "layers": [],
+                "trait_type": "tone_and_voice", "response": "x"}
         fields = declared_body_fields(schema, operation)
         case = operation.Case(
             path_parameters={name: f"no-such-{KINDS[name]}" for name in names},

@@ -203,7 +203,7 @@ def test_a_kept_example_is_tagged_with_the_curriculum_level_of_its_challenge():
         (planned, RecordChallenge("c2", TONE, Difficulty.BEGINNER, " "), "prompt_required"),
         (planned, RecordChallenge("c2", TONE, Difficulty.BEGINNER, "p", task_id="t7"), "task_not_found"),
         (planned, ScoreResponse("c9", "r", 50.0, "why", "model"), "challenge_not_found"),
-        (scored, ScoreResponse("c1", "r", 50.0, "why", "model"), "challenge_already_scored"),
+        (scored, ScoreResponse("c1", "r", 50.0, "why", "model"), "response_exists"),
         (planned, KeepExample("c1", EXAMPLE), "challenge_not_scored"),
         (scored, KeepExample("c1", EXAMPLE[:2]), "example_malformed"),
         (scored, KeepExample("c1", (ExampleMessage("tool", "x"), EXAMPLE[2])), "example_malformed"),
