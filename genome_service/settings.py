@@ -63,7 +63,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     index_exact_below: int = 20_000
     index_hnsw_m: int = 16
     index_ef_construction: int = 80
-    index_ef_search: int = 64
+    index_ef_search: int = 128
     # Events applied between saves of the index; a crash replays at most this many.
     index_save_every: int = 500
     # Largest k a search may ask for.
