@@ -14,13 +14,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
-from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIResponse, Schema
+from litestar.openapi.spec import OpenAPI
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 from prometheus_client.registry import Collector
 
 from genome_service.api.conventions import Page, command_metadata
+from genome_service.api.openapi import SSE, document_json_or_sse
 from genome_service.api.resources import MAX_PAGE, caller_of, page, visible_row
 from genome_service.chat.runtime import ChatRuntime
 from genome_service.chat.turn import ChatRefused, Reply, TurnRequest, run_turn
@@ -35,7 +36,6 @@ from inference.backends.base import Token
 PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
 CONVERSATIONS = ConversationRow.__table__  # type: ignore[attr-defined]
 MESSAGES = ConversationMessageRow.__table__  # type: ignore[attr-defined]
-SSE = "text/event-stream"
 
 
 class ChatMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -170,17 +170,7 @@ class ChatController(Controller):
 
 
 def document_chat(schema: OpenAPI, path: str = "/personas/{persona_id}/chat") -> None:
-    """A chat answer is JSON, or SSE with `stream`: document both media types of its 200."""
-    operation = (schema.paths or {})[path].post
-    assert operation is not None and operation.responses is not None
-    answer = operation.responses["200"]
-    assert isinstance(answer, OpenAPIResponse) and answer.content is not None
-    json_body = answer.content.pop(SSE)
-    answer.content = {
-        MediaType.JSON.value: json_body,
-        SSE: OpenAPIMediaType(schema=Schema(description="Server-sent events: see the README's chat section")),
-    }
-    answer.headers = None  # an answer is not a resource version
+    document_json_or_sse(schema, path, "post", "Server-sent events: see the README's chat section")
 
 
 def _generation(stored: str | dict[str, Any] | None) -> Generation | None:

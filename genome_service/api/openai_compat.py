@@ -18,8 +18,9 @@ from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from genome_service.api.chat import SSE, ChatCreate, ChatMessageIn, finished, start_turn, turn_request
+from genome_service.api.chat import ChatCreate, ChatMessageIn, finished, start_turn, turn_request
 from genome_service.api.errors import NotFound
+from genome_service.api.openapi import SSE
 from genome_service.api.resources import caller_of
 from genome_service.chat.runtime import ChatRuntime
 from genome_service.chat.turn import ChatRefused, Reply

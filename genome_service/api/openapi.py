@@ -25,6 +25,7 @@ from litestar.openapi.spec import (
 
 from genome_service.api.auth import PUBLIC_PATHS
 
+SSE = "text/event-stream"
 _PROBLEM = Reference(ref="#/components/schemas/ProblemDetails")
 _STRING = Schema(type=OpenAPIType.STRING)
 _ETAG = OpenAPIHeader(schema=_STRING, description='The stream version, e.g. "3"; send it back as If-Match.')
@@ -82,3 +83,18 @@ def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.S
 
 def _header(name: str, description: str) -> Parameter:
     return Parameter(name=name, param_in="header", required=False, schema=_STRING, description=description)  # type: ignore[arg-type]
+
+
+def document_json_or_sse(schema: OpenAPI, path: str, method: str, description: str) -> None:
+    """An answer that is JSON, or server-sent events when asked for: document both media types of its 200.
+
+    Such a handler declares the stream's media type (Litestar lets a handler's type override a
+    Stream's own, while a plain Response keeps the JSON type it is given), so its schema lands there.
+    """
+    operation = getattr((schema.paths or {})[path], method)
+    assert operation is not None and operation.responses is not None
+    answer = operation.responses["200"]
+    assert isinstance(answer, OpenAPIResponse) and answer.content is not None
+    json_body = answer.content.pop(SSE)
+    answer.content = {"application/json": json_body, SSE: OpenAPIMediaType(schema=Schema(description=description))}
+    answer.headers = None  # an answer, not a resource version: no ETag
