@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
-from inference.backends.base import Backend, ChatMessage, Finish, Sampling
+from inference.backends.base import Backend, ChatMessage, Finish, Sampling, never_cancelled
 
 SCHEMA = '{"score": <number from 0 to 100>, "rationale": "<one sentence>"}'
 JUDGE_SYSTEM = (
@@ -42,10 +42,16 @@ class MalformedVerdict(ValueError):
     """The judge's reply is not a Verdict; the message is what the corrective prompt tells it."""
 
 
-def complete(backend: Backend, messages: Sequence[ChatMessage], sampling: Sampling, stack: object = None) -> str:
-    """The whole text of one generation (a failed generation raises, it is never an empty answer)."""
+def complete(
+    backend: Backend, messages: Sequence[ChatMessage], sampling: Sampling, stack: object = None,
+    cancelled: Callable[[], bool] = never_cancelled,
+) -> str:
+    """The whole text of one generation (a failed generation raises, it is never an empty answer).
+
+    `cancelled` is asked between tokens; to stop, it raises (a stopped text is no answer).
+    """
     parts = []
-    for event in backend.generate(messages, stack, sampling):  # type: ignore[arg-type]
+    for event in backend.generate(messages, stack, sampling, cancelled):  # type: ignore[arg-type]
         if isinstance(event, Finish):
             if event.reason == "error":
                 raise RuntimeError(f"generation failed: {event.error}")
@@ -96,6 +102,7 @@ def judge(
     *,
     retries: int = 2,
     max_tokens: int = 96,
+    cancelled: Callable[[], bool] = never_cancelled,
 ) -> Judgement:
     """Score `response`; the model first, the heuristic once `retries` corrections are spent."""
     wanted = "\n".join(f"- {c}" for c in criteria) or "- answers the challenge well"
@@ -105,7 +112,7 @@ def judge(
     ]
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
     for attempt in range(1, retries + 2):
-        reply = complete(backend, messages, sampling)
+        reply = complete(backend, messages, sampling, cancelled=cancelled)
         try:
             verdict = parse_verdict(reply)
         except MalformedVerdict as problem:

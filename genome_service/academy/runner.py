@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -49,7 +50,7 @@ from genome_service.services.bootstrap import Services
 from genome_service.services.layers import LayerDetails, register_layer
 from genome_service.services.stacks import StackResolver
 from genome_service.settings import Settings
-from inference.backends.base import Backend, ChatMessage, Sampling
+from inference.backends.base import Backend, ChatMessage, Sampling, never_cancelled
 from inference.training import Example, TrainingConfig, data_sha256, train_lora
 
 SESSIONS = AcademySessionRow.__table__  # type: ignore[attr-defined]
@@ -153,6 +154,20 @@ class Runner:
         metadata = EventMetadata(actor="academy", idempotency_key=key)
         self.services.commands.execute(ACADEMY_SESSION, session_id, command, metadata=metadata)
 
+    def _cancel_check(self, session_id: str) -> Callable[[], bool]:
+        """For generation and training loops: raises SessionCancelled, asking the database at most
+        every `cancel_poll_seconds` (a loop calls it every token or step)."""
+        last = [time.monotonic()]
+
+        def check() -> bool:
+            now = time.monotonic()
+            if now - last[0] >= self.settings.cancel_poll_seconds:
+                last[0] = now
+                self._check_cancelled(session_id)
+            return False
+
+        return check
+
     def _check_cancelled(self, session_id: str) -> None:
         # The read model, not the stream: it is one indexed row, and another process's
         # cancel reaches it through that process's inline projection.
@@ -236,6 +251,7 @@ class Runner:
     def _curate(self, session_id: str, task: PlanTask) -> None:
         """Challenges, the persona's answers, the judge's scores and the kept examples, each once."""
         count = self.settings.challenges_per_task
+        cancelled = self._cancel_check(session_id)
         for ordinal in range(count):
             self._check_cancelled(session_id)
             challenge_id = f"{task.task_id}-c{ordinal}"
@@ -244,15 +260,16 @@ class Runner:
             state = self._state(session_id)
             challenge = state.challenge(challenge_id)
             if challenge is None:
-                prompt = self._generate_challenge(state.goal, task.trait_type, difficulty, ordinal)
+                prompt = self._generate_challenge(state.goal, task.trait_type, difficulty, ordinal, cancelled)
                 self._execute(session_id, RecordChallenge(challenge_id, task.trait_type, difficulty, prompt,
                                                           (state.goal,), task.task_id))
                 challenge = self._state(session_id).challenge(challenge_id)
             assert challenge is not None
             if challenge.score is None:
-                system, answer = self._answer(state.persona_id, challenge.prompt)
+                system, answer = self._answer(state.persona_id, challenge.prompt, cancelled)
                 verdict = judge(self.backend, challenge.prompt, challenge.criteria, answer,
-                                retries=self.settings.judge_retries, max_tokens=self.settings.judge_tokens)
+                                retries=self.settings.judge_retries, max_tokens=self.settings.judge_tokens,
+                                cancelled=cancelled)
                 self._execute(session_id, ScoreResponse(challenge_id, answer, verdict.score,
                                                         verdict.rationale, verdict.judge))
                 challenge = self._state(session_id).challenge(challenge_id)
@@ -262,23 +279,25 @@ class Runner:
                                 ExampleMessage("assistant", answer))
                     self._execute(session_id, KeepExample(challenge_id, messages))
 
-    def _generate_challenge(self, goal: str, trait: TraitType, difficulty: Difficulty, ordinal: int) -> str:
+    def _generate_challenge(self, goal: str, trait: TraitType, difficulty: Difficulty, ordinal: int,
+                            cancelled: Callable[[], bool] = never_cancelled) -> str:
         ask = (
             f"Write one {difficulty.value} question or task (number {ordinal + 1}) that tests "
             f"{trait.value.replace('_', ' ')} for this goal: {goal}\nReply with the question only."
         )
         sampling = Sampling(temperature=0.8, max_tokens=self.settings.challenge_tokens, seed=ordinal)
-        text = complete(self.backend, [ChatMessage("user", ask)], sampling).strip()
+        text = complete(self.backend, [ChatMessage("user", ask)], sampling, cancelled=cancelled).strip()
         # A model that says nothing still leaves a usable challenge: the goal itself, asked plainly.
         return text or f"{goal} (a {difficulty.value} exercise, number {ordinal + 1})"
 
-    def _answer(self, persona_id: str, prompt: str) -> tuple[str, str]:
+    def _answer(self, persona_id: str, prompt: str,
+                cancelled: Callable[[], bool] = never_cancelled) -> tuple[str, str]:
         """(system prompt, answer) from the persona as its genome stands now."""
         system, layers = self.stacks.persona(persona_id)
         system = system.strip() or DEFAULT_SYSTEM
         messages = [ChatMessage("system", system), ChatMessage("user", prompt)]
         sampling = Sampling(temperature=0.0, max_tokens=self.settings.answer_tokens)
-        answer = complete(self.backend, messages, sampling, self.stacks.stack(layers)).strip()
+        answer = complete(self.backend, messages, sampling, self.stacks.stack(layers), cancelled).strip()
         return system, answer or "I do not know."
 
     def _examples(self, session_id: str) -> list[Example]:
@@ -295,17 +314,13 @@ class Runner:
         config = msgspec.structs.replace(base, steps=state.budget_steps,
                                          warmup_steps=min(base.warmup_steps, state.budget_steps - 1))
         deadline = time.monotonic() + state.budget_seconds
-        last_poll = [0.0]
+        check_cancel = self._cancel_check(session_id)
         marks: dict[int, tuple[float, float]] = {}
 
         def cancelled() -> bool:
-            now = time.monotonic()
-            if now > deadline:
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"the time budget of {state.budget_seconds:g} s ran out during training")
-            if now - last_poll[0] >= self.settings.cancel_poll_seconds:
-                last_poll[0] = now
-                self._check_cancelled(session_id)
-            return False
+            return check_cancel()
 
         def checkpointed(step: int, _: Path) -> None:
             # Recorded only now, with its checkpoint on disk: a recorded step never runs again.

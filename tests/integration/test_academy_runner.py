@@ -7,12 +7,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from genome_service.academy.runner import Runner, RunnerSettings
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
+    ChallengeGenerated,
     ChangeSessionStatus,
     ExampleKept,
     LayerProduced,
@@ -126,3 +128,24 @@ def test_cancel_stops_a_training_session_within_seconds_and_registers_no_layer(
     assert done[0].status is SessionStatus.CANCELLED
     assert not any(isinstance(e, LayerProduced) for e in events(academy, "s1"))
     assert academy.repository.load(GENOME, "g1").state.layers == ()
+
+
+def test_cancel_during_challenges_and_judging_stops_within_seconds(academy: Services, backend: TorchBackend) -> None:
+    start(academy, "s1", steps=10)
+    slow = msgspec.structs.replace(FAST, challenges_per_task=500, answer_tokens=256, judge_tokens=256)
+    runner = Runner(academy, backend, MODEL, slow)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(runner.run("s1")))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not any(isinstance(e, ChallengeGenerated) for e in events(academy, "s1")):
+        assert time.monotonic() < deadline and thread.is_alive(), "no challenge was generated"
+        time.sleep(0.05)
+
+    asked = time.monotonic()
+    academy.commands.execute(ACADEMY_SESSION, "s1", ChangeSessionStatus(SessionStatus.CANCELLED, "user asked"))
+    thread.join(timeout=30)
+
+    assert not thread.is_alive() and time.monotonic() - asked < 5
+    assert done[0].status is SessionStatus.CANCELLED
+    assert not any(isinstance(e, TrainingProgressed) for e in events(academy, "s1"))
