@@ -107,25 +107,30 @@ def test_a_second_run_of_a_finished_session_changes_nothing(academy: Services, b
     assert academy.store.stream_version("s1") == before
 
 
-def test_cancel_stops_a_training_session_within_seconds_and_registers_no_layer(
-    academy: Services, backend: TorchBackend
-) -> None:
-    start(academy, "s1", steps=100_000)
-    runner = Runner(academy, backend, MODEL, FAST)
+def cancel_once_seen(academy: Services, runner: Runner, kind: type) -> tuple[float, object]:
+    """Run s1 on a thread, cancel it once an event of `kind` is recorded; (seconds to stop, final state)."""
     done: list = []
     thread = threading.Thread(target=lambda: done.append(runner.run("s1")))
     thread.start()
     deadline = time.monotonic() + 120
-    while not any(isinstance(e, TrainingProgressed) for e in events(academy, "s1")):
-        assert time.monotonic() < deadline and thread.is_alive(), "training never started"
+    while not any(isinstance(e, kind) for e in events(academy, "s1")):
+        assert time.monotonic() < deadline and thread.is_alive(), f"no {kind.__name__} was recorded"
         time.sleep(0.05)
-
     asked = time.monotonic()
     academy.commands.execute(ACADEMY_SESSION, "s1", ChangeSessionStatus(SessionStatus.CANCELLED, "user asked"))
     thread.join(timeout=30)
+    assert not thread.is_alive()
+    return time.monotonic() - asked, done[0]
 
-    assert not thread.is_alive() and time.monotonic() - asked < 5
-    assert done[0].status is SessionStatus.CANCELLED
+
+def test_cancel_stops_a_training_session_within_seconds_and_registers_no_layer(
+    academy: Services, backend: TorchBackend
+) -> None:
+    start(academy, "s1", steps=100_000)
+
+    seconds, final = cancel_once_seen(academy, Runner(academy, backend, MODEL, FAST), TrainingProgressed)
+
+    assert seconds < 5 and final.status is SessionStatus.CANCELLED
     assert not any(isinstance(e, LayerProduced) for e in events(academy, "s1"))
     assert academy.repository.load(GENOME, "g1").state.layers == ()
 
@@ -133,19 +138,8 @@ def test_cancel_stops_a_training_session_within_seconds_and_registers_no_layer(
 def test_cancel_during_challenges_and_judging_stops_within_seconds(academy: Services, backend: TorchBackend) -> None:
     start(academy, "s1", steps=10)
     slow = msgspec.structs.replace(FAST, challenges_per_task=500, answer_tokens=256, judge_tokens=256)
-    runner = Runner(academy, backend, MODEL, slow)
-    done: list = []
-    thread = threading.Thread(target=lambda: done.append(runner.run("s1")))
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not any(isinstance(e, ChallengeGenerated) for e in events(academy, "s1")):
-        assert time.monotonic() < deadline and thread.is_alive(), "no challenge was generated"
-        time.sleep(0.05)
 
-    asked = time.monotonic()
-    academy.commands.execute(ACADEMY_SESSION, "s1", ChangeSessionStatus(SessionStatus.CANCELLED, "user asked"))
-    thread.join(timeout=30)
+    seconds, final = cancel_once_seen(academy, Runner(academy, backend, MODEL, slow), ChallengeGenerated)
 
-    assert not thread.is_alive() and time.monotonic() - asked < 5
-    assert done[0].status is SessionStatus.CANCELLED
+    assert seconds < 5 and final.status is SessionStatus.CANCELLED
     assert not any(isinstance(e, TrainingProgressed) for e in events(academy, "s1"))
