@@ -1,7 +1,7 @@
 """Shared helpers for the benchmarks: hardware metadata, timing and saving results.
 
 Nothing here knows about a particular workload; a benchmark script imports this
-module (``benchmarks/`` is put on ``sys.path`` when a script runs from it).
+module as ``benchmarks._harness`` (each script puts the project root on ``sys.path``).
 """
 
 from __future__ import annotations

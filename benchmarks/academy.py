@@ -41,10 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The project root takes this folder's place on sys.path: a benchmark named like a package
+# (inference.py) would shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import _harness as harness  # noqa: E402
+from benchmarks import _harness as harness  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "peft", "mlx-lm")
 SKIP_STEPS = 2

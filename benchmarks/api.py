@@ -57,9 +57,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The project root takes this folder's place on sys.path: a benchmark named like a package
+# (inference.py) would shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import _harness as harness
+from benchmarks import _harness as harness  # noqa: E402
 
 PROJECT_ROOT = harness.PROJECT_ROOT
 HOST = "127.0.0.1"
@@ -228,7 +230,6 @@ class Seed:
 def seed(url: str, scale: Scale, write_clients: int) -> Seed:
     import httpx
 
-    sys.path.insert(0, str(PROJECT_ROOT))
     from fixtures.make_adapter import make_adapter_files
 
     start = time.perf_counter()

@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The project root takes this folder's place on sys.path: a benchmark named like a package
+# (inference.py) would shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import _harness as harness  # noqa: E402
+from benchmarks import _harness as harness  # noqa: E402
 
-# The project root goes first: benchmarks/inference.py would otherwise shadow the inference package.
-sys.path.insert(0, str(harness.PROJECT_ROOT))
 
 QUICK = {"pairs": 20, "ttft_turns": 10, "chunks": 1000}
 FULL = {"pairs": 100, "ttft_turns": 40, "chunks": 1000}

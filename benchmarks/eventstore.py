@@ -44,9 +44,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The project root takes this folder's place on sys.path: a benchmark named like a package
+# (inference.py) would shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import _harness as harness  # noqa: E402
+from benchmarks import _harness as harness  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from eventsourcing.application import Application  # noqa: E402
 from eventsourcing.domain import Aggregate as ESAggregate  # noqa: E402

@@ -49,10 +49,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The project root takes this folder's place on sys.path: a benchmark named like a package
+# (inference.py) would shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import _harness as harness  # noqa: E402
+from benchmarks import _harness as harness  # noqa: E402
 
 from fixtures.make_adapter import make_adapter_files  # noqa: E402
 from inference.backends.base import ChatMessage, Finish, Sampling, Token  # noqa: E402

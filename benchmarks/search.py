@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The project root takes this folder's place on sys.path: a benchmark named like a package
+# (inference.py) would shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import _harness as harness
+from benchmarks import _harness as harness  # noqa: E402
 import numpy as np
 
-sys.path.insert(0, str(harness.PROJECT_ROOT))
 
 DIM = 384
 PACKAGES = ("faiss-cpu", "numpy", "torch", "sentence-transformers", "transformers", "litestar")
@@ -110,8 +111,7 @@ def endpoint_run(layers: int, requests: int) -> dict[str, Any]:
     from genome_service.services.bootstrap import build
     from genome_service.settings import Settings
 
-    # Last: api.py puts benchmarks/ first on sys.path, where inference.py would shadow the package.
-    from api import our_server, running
+    from benchmarks.api import our_server, running
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"

@@ -422,23 +422,15 @@ def _resolve_stack(context: Context, settings: Settings, persona: str | None, la
 def _open_backend(context: Context, settings: Settings):  # type: ignore[no-untyped-def]
     from transformers.utils import logging as hf_logging
 
-    from inference.backends import detect_backend, open_backend
-    from inference.models import ModelCatalog, ModelNotPulled
+    from genome_service.services.backend import open_configured_backend
+    from inference.models import ModelCatalog
 
     hf_logging.disable_progress_bar()
-    name = settings.inference_backend if settings.inference_backend != "auto" else detect_backend()
-    folder = None
-    if name != "openai":
-        try:
-            folder = ModelCatalog(settings.resolved_models_dir).folder(settings.inference_model)
-        except (KeyError, ModelNotPulled) as error:
-            raise UserError(str(error)) from None
-    context.say(f"loading {settings.inference_model} on {name}")
-    return open_backend(
-        name, folder=folder, model=settings.inference_model, device=settings.inference_device,
-        stack_cache_size=settings.stack_cache_size, base_url=settings.openai_base_url,
-        api_key=settings.openai_api_key, adapter_protocol=settings.openai_adapter_protocol,
-    )  # fmt: skip
+    context.say(f"loading {settings.inference_model} ({settings.inference_backend} backend)")
+    try:
+        return open_configured_backend(settings, ModelCatalog(settings.resolved_models_dir))[0]
+    except LookupError as error:
+        raise UserError(str(error)) from None
 
 
 async def _stream_answer(backend, messages, stack, sampling):  # type: ignore[no-untyped-def]

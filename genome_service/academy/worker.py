@@ -33,16 +33,10 @@ log = logging.getLogger("genome_service.academy")
 
 def open_runner(services: Services) -> Runner:
     """A runner on the model the settings name, loaded by the backend they choose."""
-    from inference.backends import detect_backend, open_backend
+    from genome_service.services.backend import open_configured_backend
 
     settings = services.settings
-    name = settings.inference_backend if settings.inference_backend != "auto" else detect_backend()
-    folder = None if name == "openai" else services.models.folder(settings.inference_model)
-    backend = open_backend(
-        name, folder=folder, model=settings.inference_model, device=settings.inference_device,
-        stack_cache_size=settings.stack_cache_size, base_url=settings.openai_base_url,
-        api_key=settings.openai_api_key, adapter_protocol=settings.openai_adapter_protocol,
-    )  # fmt: skip
+    backend, _ = open_configured_backend(settings, services.models)
     return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings))
 
 

@@ -65,23 +65,15 @@ class ChatRuntime:
             await loaded.engine.close()
 
     def _load(self) -> Loaded:
-        from inference.backends import detect_backend, open_backend
+        from genome_service.services.backend import open_configured_backend
 
         settings = self.services.settings
         catalog = ModelCatalog(settings.resolved_models_dir)
-        name = settings.inference_backend if settings.inference_backend != "auto" else detect_backend()
-        folder: Path | None = None
         try:
             spec = catalog.get(settings.inference_model)
-            if name != "openai":
-                folder = catalog.folder(settings.inference_model)
+            backend, folder = open_configured_backend(settings, catalog)
         except (UnknownModel, ModelNotPulled) as error:
             raise ChatUnavailable(str(error)) from None
-        backend = open_backend(
-            name, folder=folder, model=settings.inference_model, device=settings.inference_device,
-            stack_cache_size=settings.stack_cache_size, base_url=settings.openai_base_url,
-            api_key=settings.openai_api_key, adapter_protocol=settings.openai_adapter_protocol,
-        )  # fmt: skip
         engine = Engine(backend, max_queue=settings.inference_queue_size, timeout=settings.chat_timeout)
         count_prompt, count_text, context = _counters(folder)
         return Loaded(engine, StackResolver(self.services, spec), settings.inference_model,

@@ -32,6 +32,7 @@ def open_backend(
     base_url: str = "",
     api_key: str = "",
     adapter_protocol: Literal["vllm", "mlx-lm"] = "vllm",
+    adapters_dir: Path | None = None,
 ) -> Backend:
     """Load the chosen backend: a local one from the model `folder`, or openai at `base_url`."""
     chosen = detect_backend() if name == "auto" else name
@@ -40,7 +41,7 @@ def open_backend(
 
         if not base_url:
             raise ValueError("the openai backend needs a server: set GENOME_OPENAI_BASE_URL (e.g. http://127.0.0.1:8080/v1)")
-        return OpenAIBackend(base_url, api_key, model, adapters=adapter_protocol)
+        return OpenAIBackend(base_url, api_key, model, adapters=adapter_protocol, adapters_dir=adapters_dir)
     if folder is None:
         raise ValueError(f"the {chosen} backend needs a model folder, got none")
     if chosen == "mlx":
