@@ -85,14 +85,15 @@ class RepetitionDetector:
         self._rule = rule
         self._history: deque[int] = deque(maxlen=rule.max_period)
         self._runs = [0] * (rule.max_period + 1)
+        # The loop length each period must reach; fixed per rule, so worked out once.
+        self._spans = [0] + [max(period * rule.min_repeats, rule.min_span) for period in range(1, rule.max_period + 1)]
 
     def push(self, token_id: int) -> bool:
-        history, runs, rule = self._history, self._runs, self._rule
+        history, runs, spans = self._history, self._runs, self._spans
         looped = False
-        for period in range(1, rule.max_period + 1):
+        for period in range(1, len(runs)):
             runs[period] = runs[period] + 1 if len(history) >= period and history[-period] == token_id else 0
-            span = max(period * rule.min_repeats, rule.min_span)
-            looped = looped or runs[period] + period >= span
+            looped = looped or runs[period] + period >= spans[period]
         history.append(token_id)
         return looped
 
@@ -138,6 +139,16 @@ class Guard:
 
     def error(self, message: str) -> Finish:
         return self._finish("error", message)
+
+    def over_context(self, context: int) -> Finish | None:
+        """The ending for a request that cannot fit the model's context (0: unknown, never)."""
+        # Past the trained context RoPE positions are extrapolated and the answer degrades.
+        if not context or self._prompt_tokens + self._max_tokens <= context:
+            return None
+        return self.error(
+            f"prompt of {self._prompt_tokens} tokens plus max_tokens {self._max_tokens} "
+            f"exceeds the model's context of {context}"
+        )
 
     def cancel(self) -> Finish:
         return self._finish("cancelled")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
-from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIResponse, Schema
+from litestar.openapi.spec import OpenAPI
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_201_CREATED
@@ -23,6 +23,7 @@ from genome_service.academy.runner import Runner
 from genome_service.academy.sessions import start_session
 from genome_service.academy.worker import open_runner
 from genome_service.api.conventions import Page, command_metadata, expected_version
+from genome_service.api.openapi import SSE, document_json_or_sse
 from genome_service.api.resources import MAX_PAGE, EventView, caller_of, event_views, page, visible_row, with_etag
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
@@ -39,7 +40,6 @@ from genome_service.projections.tables import AcademySessionRow
 from genome_service.services.bootstrap import Services
 
 TABLE = AcademySessionRow.__table__  # type: ignore[attr-defined]
-SSE = "text/event-stream"
 FOLLOW_POLL_SECONDS = 0.25
 
 
@@ -233,13 +233,6 @@ async def _follow(services: Services, session_id: str) -> AsyncIterator[ServerSe
 
 
 def document_events(schema: OpenAPI) -> None:
-    """The events answer is JSON, or SSE when asked for: document both media types of its 200."""
-    operation = (schema.paths or {})["/academy/sessions/{session_id}/events"].get
-    assert operation is not None and operation.responses is not None
-    answer = operation.responses["200"]
-    assert isinstance(answer, OpenAPIResponse) and answer.content is not None
-    json_body = answer.content.pop(SSE)
-    answer.content = {
-        MediaType.JSON.value: json_body,
-        SSE: OpenAPIMediaType(schema=Schema(description="Server-sent events, one per session event, named by its type")),
-    }
+    document_json_or_sse(
+        schema, "/academy/sessions/{session_id}/events", "get", "Server-sent events, one per session event, named by its type"
+    )

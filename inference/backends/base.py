@@ -61,6 +61,10 @@ def never_cancelled() -> bool:
     return False
 
 
+class StackMismatch(ValueError):
+    """A LoRA stack whose modules or shapes do not fit the loaded model."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str

@@ -27,7 +27,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 from mlx_lm.utils import load
 
-from inference.backends.base import ChatMessage, Finish, Sampling, Token, never_cancelled
+from inference.backends.base import ChatMessage, Finish, Sampling, StackMismatch, Token, never_cancelled
 from inference.guards import Guard, RepetitionRule
 from inference.lora.adapter import PARENTS
 from inference.lora.stack import LoraStack
@@ -37,10 +37,6 @@ Factors = dict[str, tuple[mx.array, mx.array]]  # "layers.{i}.{module}" -> (A_ca
 # What the sampler returns for non-finite logits. Still a valid index (mlx wraps negative
 # indices), because generate_step feeds it to the model once before we see it.
 NONFINITE = -1
-
-
-class StackMismatch(ValueError):
-    """A LoRA stack whose modules or shapes do not fit the loaded model."""
 
 
 class LoraLinear(nn.Module):
@@ -127,12 +123,8 @@ class MlxBackend:
         self, prompt: list[int], factors: Factors, sampling: Sampling, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
         guard = Guard(sampling, self._decode, self._tokenizer.eos_token_ids, len(prompt), self._repetition)
-        if self._context and len(prompt) + sampling.max_tokens > self._context:
-            # Past the trained context RoPE positions are extrapolated and the answer degrades.
-            yield guard.error(
-                f"prompt of {len(prompt)} tokens plus max_tokens {sampling.max_tokens} "
-                f"exceeds the model's context of {self._context}"
-            )
+        if (overflow := guard.over_context(self._context)) is not None:
+            yield overflow
             return
         steps = generate_step(
             mx.array(prompt), self._model, max_tokens=sampling.max_tokens, sampler=_sampler(sampling)

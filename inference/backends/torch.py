@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.backends.base import ChatMessage, Finish, Sampling, Token, never_cancelled
+from inference.backends.base import ChatMessage, Finish, Sampling, StackMismatch, Token, never_cancelled
 from inference.guards import Guard, RepetitionRule
 from inference.lora.adapter import PARENTS
 from inference.lora.stack import LoraStack
@@ -31,10 +31,6 @@ from inference.models import PROJECTIONS
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "layers.{i}.{module}" -> (A_cat, B_cat)
 _MODULE_KEY = re.compile(r"layers\.(0|[1-9][0-9]*)\.(\w+)")
-
-
-class StackMismatch(ValueError):
-    """A LoRA stack whose modules or shapes do not fit the loaded model."""
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -197,11 +193,8 @@ class TorchBackend:
         self, ids: list[int], stack: LoraStack | None, sampling: Sampling, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
         guard = Guard(sampling, self._decode, self._eos, len(ids), self._repetition)
-        if self._context and len(ids) + sampling.max_tokens > self._context:
-            yield guard.error(
-                f"prompt of {len(ids)} tokens plus max_tokens {sampling.max_tokens} "
-                f"exceeds the model's context of {self._context}"
-            )
+        if (overflow := guard.over_context(self._context)) is not None:
+            yield overflow
             return
         with self._lock:
             self._activate(stack)

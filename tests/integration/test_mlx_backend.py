@@ -18,7 +18,8 @@ from inference.models import SMOLLM2_135M_INSTRUCT, ModelSpec
 
 pytest.importorskip("mlx_lm")
 
-from inference.backends.mlx import MlxBackend, StackMismatch  # noqa: E402
+from inference.backends.base import StackMismatch  # noqa: E402
+from inference.backends.mlx import MlxBackend  # noqa: E402
 
 QUESTION = [ChatMessage("user", "What is the capital of France?")]
 # "<|im_start|>user\nWhat is the capital of France?" in the tiny model's tokenizer.

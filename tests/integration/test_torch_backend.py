@@ -13,7 +13,8 @@ import torch
 from fixtures.make_adapter import random_canonical
 from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
-from inference.backends.torch import StackMismatch, TorchBackend
+from inference.backends.base import StackMismatch
+from inference.backends.torch import TorchBackend
 from inference.engine import Engine
 from inference.guards import RepetitionRule
 from inference.lora.adapter import Canonical, mlx_files, parse_adapter, peft_files, to_canonical
