@@ -94,8 +94,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     academy_learning_rate: float = 1e-3
     academy_checkpoint_every: int = 5
     # "embedded": `serve` runs sessions on a worker thread of its own; "off": only
-    # `genome-service academy worker` processes run them.
-    academy_worker: Literal["embedded", "off"] = "off"
+    # `genome-service academy worker` processes run them; "auto": embedded on the embedded
+    # (SQLite) database, off on PostgreSQL, where workers are processes of their own.
+    academy_worker: Literal["auto", "embedded", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:

@@ -91,8 +91,20 @@ class Worker:
                 yield held
 
 
+def embedded_worker(services: Services) -> EmbeddedWorker | None:
+    """The server's own worker, when GENOME_ACADEMY_WORKER asks for one (auto: on SQLite only).
+
+    On PostgreSQL the service scales out, and training is long CPU or GPU work that belongs
+    in `genome-service academy worker` processes rather than in the API's.
+    """
+    mode = services.settings.academy_worker
+    if mode == "auto":
+        mode = "embedded" if services.database.dialect == "sqlite" else "off"
+    return EmbeddedWorker(services) if mode == "embedded" else None
+
+
 class EmbeddedWorker:
-    """The server's own worker thread (GENOME_ACADEMY_WORKER=embedded): started and stopped with the app."""
+    """The server's own worker thread: started and stopped with the app."""
 
     def __init__(self, services: Services) -> None:
         self._worker = Worker(services, lambda: open_runner(services))

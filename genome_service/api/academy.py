@@ -1,7 +1,7 @@
 """Academy sessions: start one for a persona, follow it (JSON history or live SSE), cancel it.
 
 Sessions are run by academy workers (`genome-service academy worker`, or the server's own
-when `GENOME_ACADEMY_WORKER=embedded`); this controller only appends and reads.
+thread on SQLite by default: `GENOME_ACADEMY_WORKER`); this controller only appends and reads.
 """
 
 from __future__ import annotations

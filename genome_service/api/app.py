@@ -12,7 +12,7 @@ from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from genome_service.academy.worker import EmbeddedWorker
+from genome_service.academy.worker import embedded_worker
 from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
@@ -60,8 +60,7 @@ def create_app(services: Services) -> Litestar:
         if not services.keys.any_active():
             log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
 
-    # Sessions run on a thread of this process only when asked: training is long CPU work.
-    worker = EmbeddedWorker(services) if settings.academy_worker == "embedded" else None
+    worker = embedded_worker(services)
     academy_model = academy.AcademyModel(services)
 
     def provide_academy_model() -> academy.AcademyModel:

@@ -45,8 +45,11 @@ class Server:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     processes: list[subprocess.Popen[str]] = []
 
-    def start(database_url: str | None = None, **settings: str) -> Server:
-        env = clean_env(tmp_path, **{f"GENOME_{k.upper()}": v for k, v in settings.items()})
+    def start(database_url: str | None = None, **settings: str | None) -> Server:
+        # No academy worker unless a test asks (None: the service's default): a fuzzed or stray
+        # session must not start a long training.
+        settings = {"academy_worker": "off", **settings}
+        env = clean_env(tmp_path, **{f"GENOME_{k.upper()}": v for k, v in settings.items() if v is not None})
         if database_url:
             env["GENOME_DATABASE_URL"] = database_url
         else:

@@ -1,5 +1,5 @@
-"""The academy over HTTP against the real server: a session trained to completion by the embedded
-worker on the tiny model, followed live over SSE; owner isolation; cancel; bad input."""
+"""The academy over HTTP against the real server: a session trained to completion by the worker
+`serve` runs by default on SQLite, on the tiny model, followed live over SSE; owner isolation; cancel; bad input."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from inference.lora.adapter import parse_adapter, to_canonical
 from inference.lora.stack import assemble
 
 MODEL = "tiny-llama"
+# The academy worker setting left at its default: `serve` on SQLite runs sessions itself.
 WORKER = {
-    "academy_worker": "embedded", "inference_model": MODEL, "inference_backend": "torch", "inference_device": "cpu",
+    "academy_worker": None, "inference_model": MODEL, "inference_backend": "torch", "inference_device": "cpu",
     "academy_challenges": "3", "academy_keep_score": "0", "academy_learning_rate": "0.01",
     "academy_checkpoint_every": "5", "rate_limit_per_minute": "0",
 }
@@ -54,7 +55,7 @@ def owners(start_server: Callable[..., Server], tiny_model: Path) -> tuple[Serve
     return server, server.client(alice), server.client(bob)
 
 
-def test_a_session_runs_to_completion_over_http_and_its_layer_changes_the_output(owners, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+def test_serve_with_defaults_runs_a_session_to_completion_and_its_layer_changes_the_output(owners, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     _, alice, bob = owners
     persona_id = persona_on_tiny_model(alice)
     assert bob.post("/academy/sessions/", json={"persona_id": persona_id, "goal": "x"}).status_code == 404
