@@ -11,7 +11,9 @@ session being cancelled.
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +59,7 @@ SESSIONS = AcademySessionRow.__table__  # type: ignore[attr-defined]
 PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
 GENOMES = GenomeRow.__table__  # type: ignore[attr-defined]
 DEFAULT_SYSTEM = "You are a helpful assistant."
+log = logging.getLogger("genome_service.academy")
 # What each trait is about, embedded to pick the trait a goal needs most.
 TRAITS = {
     TraitType.GENERAL_REASONING: "reasoning, logic, problem solving, thinking step by step",
@@ -124,6 +127,11 @@ class Runner:
         except SessionCancelled:
             pass
         except (DomainError, ValueError, RuntimeError) as exc:
+            self._fail(session_id, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a bug or a broken store must end the session, not the worker
+            # The frames only: a message may quote the goal, prompts or answers, which stay out of logs.
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("academy session %s failed on an unexpected %s\n%s", session_id, type(exc).__name__, frames)
             self._fail(session_id, f"{type(exc).__name__}: {exc}")
         return self._state(session_id)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +13,10 @@ import msgspec
 import numpy as np
 import pytest
 
+from fixtures.make_adapter import make_adapter_files
+from fixtures.make_model import tiny_spec
 from genome_service.academy.runner import Runner, RunnerSettings
+from genome_service.academy.worker import Worker
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
     ChallengeGenerated,
@@ -23,11 +28,13 @@ from genome_service.domain.academy import (
     TaskAction,
     TrainingProgressed,
 )
-from genome_service.domain.genome import GENOME, CreateGenome
-from genome_service.domain.layer import LAYER
+from genome_service.domain.genome import GENOME, AttachLayer, CreateGenome, LayerFacts
+from genome_service.domain.layer import LAYER, TraitType
 from genome_service.domain.persona import PERSONA, AssignGenome, CreatePersona, GenomeFacts
 from genome_service.eventstore.database import Database
+from genome_service.eventstore.records import EventMetadata
 from genome_service.services.bootstrap import Services, build
+from genome_service.services.layers import LayerDetails, register_layer
 from genome_service.services.stacks import StackResolver
 from genome_service.settings import Settings
 from inference.backends.base import ChatMessage
@@ -143,3 +150,30 @@ def test_cancel_during_challenges_and_judging_stops_within_seconds(academy: Serv
 
     assert seconds < 5 and final.status is SessionStatus.CANCELLED
     assert not any(isinstance(e, TrainingProgressed) for e in events(academy, "s1"))
+
+
+def test_an_unexpected_error_fails_the_session_with_its_reason_and_the_worker_goes_on(
+    academy: Services, backend: TorchBackend, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A genome whose layer's weights blob is gone from disk: answering as the persona hits an OSError.
+    files = make_adapter_files("peft", spec=tiny_spec(tiny_model, MODEL))
+    details = LayerDetails(name="lost", base_model=MODEL, trait_type=TraitType.TONE_AND_VOICE)
+    layer_id = register_layer(academy, "alice", details, files, EventMetadata(actor="alice")).aggregate.stream_id
+    academy.commands.execute(GENOME, "g1", AttachLayer(LayerFacts(layer_id, MODEL, deprecated=False), 1.0))
+    academy.blobs.path(hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()).unlink()
+    start(academy, "s1", steps=5)
+    academy.commands.execute(PERSONA, "p2", CreatePersona("p2", "alice", "Bo", system_prompt="You are brisk."))
+    academy.commands.execute(GENOME, "g2", CreateGenome("g2", "alice", "p2", MODEL, "brisk genome"))
+    academy.commands.execute(PERSONA, "p2", AssignGenome(GenomeFacts("g2", "p2", archived=False)))
+    academy.commands.execute(ACADEMY_SESSION, "s2", StartAcademySession("s2", "alice", "p2", "Be brief.", budget_steps=5))
+    finished: list = []
+
+    with caplog.at_level(logging.ERROR, logger="genome_service.academy"):
+        Worker(academy, lambda: Runner(academy, backend, MODEL, FAST)).run(
+            threading.Event(), until_idle=True, on_finished=finished.append)
+
+    assert [(s.session_id, s.status) for s in finished] == [("s1", SessionStatus.FAILED), ("s2", SessionStatus.COMPLETED)]
+    assert finished[0].reason.startswith("FileNotFoundError: ")
+    [record] = caplog.records
+    assert "s1" in record.getMessage() and "FileNotFoundError" in record.getMessage() and "Traceback" not in record.getMessage()
+    assert "load_adapter" in record.getMessage() and "calm, gentle voice" not in caplog.text
