@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_lora_rank: int = 64
     # Requests per minute per API key (or per address without one); 0 turns limiting off.
     rate_limit_per_minute: int = 1200
+    # The key that wraps each persona's data key (created on first use, owner-only); default:
+    # ``data_dir/master.key``. Without it no sealed knowledge or message can be read again.
+    master_key_file: Path | None = None
     # Pulled and registered base models; default: ``data_dir/models``.
     models_dir: Path | None = None
     # Inference: "auto" picks mlx on Apple silicon and torch elsewhere.
@@ -128,6 +131,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_ACADEMY_CHALLENGES and _CHECKPOINT_EVERY must be >= 1; _KEEP_SCORE within 0..100")
         if not 0 < self.academy_learning_rate < 1:
             raise ValueError("GENOME_ACADEMY_LEARNING_RATE must be within (0, 1)")
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or self.data_dir / "master.key"
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -10,7 +10,8 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
-import genome_service.eventstore.tables  # noqa: F401  (registers the tables)
+import genome_service.eventstore.data_keys  # noqa: F401  (registers the tables)
+import genome_service.eventstore.tables  # noqa: F401
 import genome_service.projections.tables  # noqa: F401
 import genome_service.services.keys  # noqa: F401
 from genome_service.eventstore.database import normalise_url

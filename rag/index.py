@@ -170,6 +170,12 @@ class VectorIndex:
     def vector(self, key: str) -> np.ndarray:
         return self._vectors([self._slot_of[key]])[0]
 
+    def keys_where(self, where: Filter) -> list[str]:
+        """The live keys ``where`` admits, in slot order."""
+        mask = self._mask(where)
+        slots = range(len(self._keys)) if mask is None else np.flatnonzero(mask)
+        return [key for key in (self._keys[slot] for slot in slots) if key is not None]
+
     def search(self, query: np.ndarray, k: int, where: Filter | None = None) -> list[Hit]:
         """The ``k`` entries most similar to ``query`` (cosine), best first, among those ``where`` admits."""
         if k < 1:

@@ -28,6 +28,7 @@ from genome_service.chat.turn import ChatRefused, Reply, TurnRequest, run_turn
 from genome_service.domain.conversation import Generation, Message
 from genome_service.projections.columns import utc
 from genome_service.projections.queries import child_rows
+from genome_service.projections.sealed_columns import open_value
 from genome_service.projections.tables import ConversationMessageRow, ConversationRow, PersonaRow
 from genome_service.services.bootstrap import Services
 from genome_service.settings import Settings
@@ -149,7 +150,8 @@ class ChatController(Controller):
     ) -> Page:
         """The caller's conversations with the persona, oldest first, a page at a time."""
         caller = caller_of(request)
-        visible_row(services, PERSONAS, "persona_id", persona_id, caller, "persona", archived_column=None)
+        # An archived persona's conversations stay readable; an erased one's are gone (410).
+        visible_row(services, PERSONAS, "persona_id", persona_id, caller, "persona", archived_column="erased")
         where = [CONVERSATIONS.c.owner == caller.owner, CONVERSATIONS.c.persona_id == persona_id]
         rows, next_cursor = page(services, CONVERSATIONS, "conversation_id", where, cursor, limit)
         return Page([ConversationSummary(r["conversation_id"], r["persona_id"], r["message_count"], r["version"],
@@ -162,9 +164,10 @@ class ChatController(Controller):
             row = visible_row(services, CONVERSATIONS, "conversation_id", conversation_id, caller_of(request),
                               "conversation", archived_column=None, connection=connection)
             messages = child_rows(connection, MESSAGES, "conversation_id", [conversation_id], "ordinal")
+            key = services.data_keys.for_reading(connection, [row["persona_id"]])[row["persona_id"]]
         return ConversationDetail(
             conversation_id, row["persona_id"],
-            [Message(m["role"], m["content"], _generation(m["generation"])) for m in messages],
+            [Message(m["role"], open_value(key, MESSAGES, m, "content") or "", _generation(m["generation"])) for m in messages],
             row["version"], utc(row["created_at"]), utc(row["updated_at"]),
         )
 

@@ -28,6 +28,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
 from genome_service.domain.common import DomainError
+from genome_service.eventstore.data_keys import SubjectErased
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
 from genome_service.services.search import SearchRefused
 from inference.lora.adapter import AdapterRejected
@@ -104,6 +105,8 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
                 ChatUnavailable: lambda e: problem(HTTP_503_SERVICE_UNAVAILABLE, "model_unavailable", str(e)),
                 NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
                 Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
+                # A write racing an erasure: the persona's key is gone, so nothing more is recorded.
+                SubjectErased: lambda e: problem(HTTP_410_GONE, "persona_erased", str(e)),
             }
         )
     )

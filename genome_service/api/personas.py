@@ -8,10 +8,10 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.params import Parameter
-from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_410_GONE
 
 from genome_service.api.conventions import Page, command_metadata, expected_version
-from genome_service.api.errors import NotFound
+from genome_service.api.errors import Gone, NotFound, problem
 from genome_service.api.resources import (
     MAX_PAGE,
     EventView,
@@ -22,11 +22,13 @@ from genome_service.api.resources import (
     with_etag,
 )
 from genome_service.domain import persona as domain
+from genome_service.domain.common import DomainError
 from genome_service.domain.genome import GENOME
 from genome_service.eventstore.repository import Aggregate
 from genome_service.projections.tables import PersonaRow
 from genome_service.services.bootstrap import Services
 from genome_service.services.creation import create_stream
+from genome_service.services.erasure import erase_persona
 
 TABLE = PersonaRow.__table__  # type: ignore[attr-defined]
 
@@ -76,6 +78,15 @@ def _from_row(row: dict[str, Any]) -> Persona:
     )
 
 
+def _erased(persona_id: str) -> Exception:
+    return problem(HTTP_410_GONE, "persona_erased", f"persona {persona_id!r} was erased: its knowledge and conversations are gone")
+
+
+def _not_erased(row: dict[str, Any]) -> None:
+    if row["erased"]:
+        raise _erased(row["persona_id"])
+
+
 class PersonaController(Controller):
     path = "/personas"
     tags = ["personas"]
@@ -93,8 +104,11 @@ class PersonaController(Controller):
 
     @get("/{persona_id:str}", operation_id="getPersona", sync_to_thread=False)
     def read(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> Response[Persona]:
-        """One persona; 410 once archived."""
-        row = visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona")
+        """One persona; 410 once archived or erased."""
+        row = visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)
+        _not_erased(row)
+        if row["archived"]:
+            raise Gone("persona", persona_id)
         return with_etag(_from_row(row), row["version"])
 
     @get("/", operation_id="listPersonas", sync_to_thread=False)
@@ -125,10 +139,27 @@ class PersonaController(Controller):
         facts = domain.GenomeFacts(genome.genome_id, genome.persona_id, genome.archived)
         return self._execute(request, services, persona_id, domain.AssignGenome(facts))
 
-    @delete("/{persona_id:str}", operation_id="archivePersona", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
-    def archive(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> None:
-        """Archive: the persona stops changing; its history stays."""
-        self._execute(request, services, persona_id, domain.ArchivePersona())
+    # In a thread: an erasure also scrubs the database's old pages and saves the search index.
+    @delete("/{persona_id:str}", operation_id="archivePersona", status_code=HTTP_204_NO_CONTENT, sync_to_thread=True)
+    def archive(
+        self, request: Request[Any, Any, Any], services: Services, persona_id: str,
+        erase: Annotated[bool, Parameter(description=(
+            "true: also erase the persona's knowledge and conversations for good (its data key is destroyed); "
+            "afterwards the persona answers 410 persona_erased"
+        ))] = False,
+    ) -> None:
+        """Archive: the persona stops changing; its history stays. With `erase=true` its personal data is erased."""
+        if not erase:
+            self._execute(request, services, persona_id, domain.ArchivePersona())
+            return
+        caller = caller_of(request)
+        _not_erased(visible_row(services, TABLE, "persona_id", persona_id, caller, "persona", archived_column=None))
+        try:
+            erase_persona(services, persona_id, command_metadata(request, caller.owner))
+        except DomainError as error:
+            if error.rule == "persona_erased":  # a concurrent erasure came first
+                raise _erased(persona_id) from None
+            raise
 
     @get("/{persona_id:str}/events", operation_id="personaEvents", sync_to_thread=False)
     def events(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> list[EventView]:

@@ -31,6 +31,7 @@ from genome_service.api.resources import MAX_PAGE, caller_of, page, visible_row,
 from genome_service.domain.knowledge import KNOWLEDGE, RemoveKnowledge
 from genome_service.domain.layer import TraitType
 from genome_service.projections.queries import get_row
+from genome_service.projections.sealed_columns import open_value
 from genome_service.projections.tables import KnowledgeRow, LayerRow, PersonaRow
 from genome_service.services.bootstrap import Services
 from genome_service.services.knowledge import add_knowledge
@@ -157,9 +158,15 @@ class LayerSearchController(Controller):
         return _layer_matches(services, caller, query, data.k, data, exclude=data.like_layer_id)
 
 
-def _document(row: dict[str, Any]) -> KnowledgeDocument:
-    return KnowledgeDocument(row["knowledge_id"], row["persona_id"], row["title"], row["media_type"], row["chunk_count"],
-                             row["version"], row["created_at"], row["updated_at"])
+def _documents(services: Services, persona_id: str, rows: list[dict[str, Any]]) -> list[KnowledgeDocument]:
+    """The documents of one persona's rows, their sealed titles opened."""
+    with services.database.read() as connection:
+        key = services.data_keys.for_reading(connection, [persona_id])[persona_id]
+    return [
+        KnowledgeDocument(row["knowledge_id"], row["persona_id"], open_value(key, DOCUMENTS, row, "title") or "",
+                          row["media_type"], row["chunk_count"], row["version"], row["created_at"], row["updated_at"])
+        for row in rows
+    ]
 
 
 def _persona(services: Services, request: Request[Any, Any, Any], persona_id: str) -> dict[str, Any]:
@@ -210,7 +217,7 @@ class KnowledgeController(Controller):
         _persona(services, request, persona_id)
         where = [DOCUMENTS.c.persona_id == persona_id, DOCUMENTS.c.removed.is_(False)]
         rows, next_cursor = page(services, DOCUMENTS, "knowledge_id", where, cursor, limit)
-        return Page([_document(row) for row in rows], next_cursor)
+        return Page(_documents(services, persona_id, rows), next_cursor)
 
     @delete("/{knowledge_id:str}", operation_id="removeKnowledge", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
     def remove(self, request: Request[Any, Any, Any], services: Services, persona_id: str, knowledge_id: str) -> None:
@@ -246,6 +253,6 @@ class KnowledgeController(Controller):
         with services.database.read() as connection:
             row = get_row(connection, DOCUMENTS, "knowledge_id", knowledge_id)
         assert row is not None, "the read model is projected in the appending transaction"
-        document = _document(row)
+        document = _documents(services, row["persona_id"], [row])[0]
         return with_etag(document, document.version, HTTP_201_CREATED, {"Location": f"/personas/{document.persona_id}/knowledge"})
 

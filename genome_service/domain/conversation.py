@@ -57,10 +57,12 @@ class ConversationStarted(msgspec.Struct, frozen=True, gc=False, tag=True):
     owner: str
 
 
-class MessageAdded(msgspec.Struct, frozen=True, gc=False, tag=True):
+class MessageAdded(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
     role: Role
     content: str
     generation: Generation | None = None  # set on the persona's replies
+    # Set only on read, when the persona's key was shredded: the content is then empty.
+    erased: bool = False
 
 
 ConversationEvent = ConversationStarted | MessageAdded
@@ -78,6 +80,7 @@ class Conversation(msgspec.Struct, frozen=True, gc=False):
     persona_id: str
     owner: str
     messages: tuple[Message, ...] = ()
+    erased: bool = False  # the persona's key was shredded: the messages' contents are gone
 
 
 # Commands
@@ -120,8 +123,9 @@ def evolve(state: Conversation | None, event: ConversationEvent) -> Conversation
             return Conversation(event.conversation_id, event.persona_id, event.owner)
     assert state is not None, f"{type(event).__name__} before ConversationStarted"
     match event:
-        case MessageAdded(role=role, content=content, generation=generation):
-            return msgspec.structs.replace(state, messages=(*state.messages, Message(role, content, generation)))
+        case MessageAdded(role=role, content=content, generation=generation, erased=erased):
+            return msgspec.structs.replace(state, messages=(*state.messages, Message(role, content, generation)),
+                                           erased=state.erased or erased)
     raise TypeError(f"unknown conversation event {type(event).__name__}")
 
 

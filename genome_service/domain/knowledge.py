@@ -1,8 +1,9 @@
 """Knowledge: a document a persona draws on in chat, kept as the chunks it is searched by.
 
-Each document is its own stream. Its chunk texts live in one place, the
-``chunks`` of ``KnowledgeAdded``, so that encrypting them per persona later
-touches one field. No event carries an embedding: vectors are derived.
+Each document is its own stream. Its title and chunk texts are stored sealed
+with the persona's data key (``genome_service/services/personal_data.py``); once
+that key is shredded they read back empty, with ``erased`` set. No event carries
+an embedding: vectors are derived.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ MEDIA_TYPES = ("text/plain", "text/markdown")
 
 
 # Events
-class KnowledgeAdded(msgspec.Struct, frozen=True, gc=False, tag=True):
+class KnowledgeAdded(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
     knowledge_id: str
     persona_id: str
     owner: str
     title: str
     media_type: str
     chunks: tuple[str, ...]
+    # Set only on read, when the persona's key was shredded: title and chunks are then empty.
+    erased: bool = False
 
 
 class KnowledgeRemoved(msgspec.Struct, frozen=True, gc=False, tag=True):
@@ -50,6 +53,7 @@ class Knowledge(msgspec.Struct, frozen=True, gc=False):
     media_type: str
     chunks: tuple[str, ...]
     removed: bool = False
+    erased: bool = False
 
 
 # Commands

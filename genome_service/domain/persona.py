@@ -41,7 +41,11 @@ class PersonaArchived(msgspec.Struct, frozen=True, gc=False, tag=True):
     pass
 
 
-PersonaEvent = PersonaCreated | PersonaProfileChanged | GenomeAssigned | PersonaArchived
+class PersonaErased(msgspec.Struct, frozen=True, gc=False, tag=True):
+    """The persona's personal data was crypto-shredded; the event itself holds none."""
+
+
+PersonaEvent = PersonaCreated | PersonaProfileChanged | GenomeAssigned | PersonaArchived | PersonaErased
 
 
 # State
@@ -53,6 +57,7 @@ class Persona(msgspec.Struct, frozen=True, gc=False):
     system_prompt: str
     genome_id: str | None = None
     archived: bool = False
+    erased: bool = False  # erased implies archived
 
 
 # Commands
@@ -86,7 +91,11 @@ class ArchivePersona(msgspec.Struct, frozen=True, gc=False):
     pass
 
 
-PersonaCommand = CreatePersona | ChangePersonaProfile | AssignGenome | ArchivePersona
+class ErasePersona(msgspec.Struct, frozen=True, gc=False):
+    pass
+
+
+PersonaCommand = CreatePersona | ChangePersonaProfile | AssignGenome | ArchivePersona | ErasePersona
 
 
 def decide(command: PersonaCommand, state: Persona | None) -> list[PersonaEvent]:
@@ -97,6 +106,10 @@ def decide(command: PersonaCommand, state: Persona | None) -> list[PersonaEvent]
         return [PersonaCreated(**msgspec.structs.asdict(command))]
     require_exists(state, "persona")
     assert state is not None
+    if isinstance(command, ErasePersona):
+        # An archived persona's data may be erased too; erasing is done once.
+        require(not state.erased, "persona_erased", f"persona {state.persona_id} is already erased")
+        return [PersonaErased()]
     require_not_archived(state.archived, "persona")
     match command:
         case ChangePersonaProfile(name=name, description=description, system_prompt=prompt):
@@ -150,6 +163,8 @@ def evolve(state: Persona | None, event: PersonaEvent) -> Persona:
             return msgspec.structs.replace(state, genome_id=genome_id)
         case PersonaArchived():
             return msgspec.structs.replace(state, archived=True)
+        case PersonaErased():
+            return msgspec.structs.replace(state, archived=True, erased=True)
     raise TypeError(f"unknown persona event {type(event).__name__}")
 
 

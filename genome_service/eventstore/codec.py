@@ -64,9 +64,13 @@ class EventCodec:
         current = self.schema_version(type_name)
         if schema_version == current:
             return self._decoder.decode(data)
-        if not 1 <= schema_version < current:
+        return self.decode_raw(type_name, schema_version, msgspec.json.decode(data))
+
+    def decode_raw(self, type_name: str, schema_version: int, raw: RawEvent) -> Any:
+        """An event from its JSON object (one the caller has already parsed, e.g. to open sealed fields)."""
+        current = self.schema_version(type_name)
+        if not 1 <= schema_version <= current:
             raise UnknownEventType(f"{type_name} has no schema version {schema_version} (current: {current})")
-        raw = msgspec.json.decode(data)
         for lift in self._chains[type_name][schema_version - 1 :]:
             raw = lift(raw)
         raw["type"] = type_name

@@ -4,12 +4,14 @@ A snapshot stores the folded state with its version; loading reads the latest
 snapshot at or before the version wanted and replays only the events after it.
 A snapshot whose state schema no longer matches the code is ignored, so changing
 a state struct never needs a snapshot migration: streams simply replay in full.
+Streams that hold personal data are never snapshotted: a snapshot is folded state,
+in clear, and would outlive the shredding of the key that seals their events.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any, Generic, TypeVar
@@ -54,9 +56,11 @@ def _snapshot_codec(state_type: type) -> tuple[str, msgspec.json.Decoder]:
 
 
 class Repository:
-    def __init__(self, store: EventStore, *, snapshot_every: int = 100) -> None:
+    def __init__(self, store: EventStore, *, snapshot_every: int = 100, never_snapshot: Iterable[str] = ()) -> None:
+        """``never_snapshot``: stream types whose state must not be stored outside their (sealed) events."""
         self.store = store
         self.snapshot_every = snapshot_every
+        self.never_snapshot = frozenset(never_snapshot)
         db = store.database
         self._select_snapshot = db.sql("SELECT version, state_schema, data FROM snapshots WHERE stream_id = ?")
         self._upsert_snapshot = db.sql(
@@ -78,7 +82,7 @@ class Repository:
     ) -> Aggregate[S]:
         """The aggregate now, or as it was at ``to_version`` / at time ``as_of``."""
         start: Aggregate[S] = Aggregate(stream_id)
-        if use_snapshot:
+        if use_snapshot and decider.stream_type not in self.never_snapshot:
             snapshot = self._load_snapshot(decider, stream_id, connection)
             if snapshot is not None and _usable(snapshot, to_version, as_of):
                 start = snapshot
@@ -104,7 +108,7 @@ class Repository:
 
     def snapshot_if_due(self, connection: Connection, decider: Decider[Any, Any, S], before: int, after: Aggregate[S]) -> bool:
         """Write a snapshot when the stream's version crossed a multiple of ``snapshot_every``."""
-        if after.version // self.snapshot_every == before // self.snapshot_every:
+        if after.version // self.snapshot_every == before // self.snapshot_every or decider.stream_type in self.never_snapshot:
             return False
         self.save_snapshot(connection, decider, after)
         return True

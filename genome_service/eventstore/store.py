@@ -31,6 +31,7 @@ from genome_service.eventstore.records import (
     ExpectedVersion,
     RecordedEvent,
 )
+from genome_service.eventstore.sealing import Sealer
 
 # PostgreSQL NOTIFY channel: a trigger on events notifies it per INSERT statement,
 # delivered at commit, so a listener never hears of an uncommitted event.
@@ -41,10 +42,13 @@ _metadata_decoder = msgspec.json.Decoder(EventMetadata)
 
 
 class EventStore:
-    def __init__(self, database: Database, codec: EventCodec) -> None:
+    def __init__(self, database: Database, codec: EventCodec, sealer: Sealer | None = None) -> None:
+        """``sealer``: seals the personal fields of the event types it names (none without one)."""
         self.database = database
         self.codec = codec
+        self.sealer = sealer
         sql = database.sql
+        self._first_event = sql("SELECT data FROM events WHERE stream_id = ? AND version = 1")
         self._insert = sql(f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
         self._stream_head = sql(
             "SELECT version, stream_type FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1"
@@ -115,16 +119,19 @@ class EventStore:
             recorded_at = datetime.now(UTC)
             db_time = self.database.to_db_time(recorded_at)
             meta_json = _metadata_encoder.encode(metadata).decode()
-            codec = self.codec
+            codec, sealer = self.codec, self.sealer
             recorded: list[RecordedEvent] = []
             rows: list[tuple[Any, ...]] = []
             for offset, event in enumerate(events, start=1):
                 type_name = codec.type_of(event)
                 schema_version = codec.schema_version(type_name)
                 position, version = last_position + offset, actual + offset
+                data = codec.encode(event)
+                if sealer is not None and sealer.seals(type_name):
+                    first = rows[0][6] if rows and actual == 0 else None
+                    data = self._seal(connection, stream_id, version, type_name, data, first)
                 rows.append(
-                    (position, stream_id, stream_type, version, type_name, schema_version,
-                     codec.encode(event), meta_json, db_time)
+                    (position, stream_id, stream_type, version, type_name, schema_version, data, meta_json, db_time)
                 )
                 recorded.append(
                     RecordedEvent(position, stream_id, stream_type, version, type_name,
@@ -137,6 +144,27 @@ class EventStore:
             cursor.close()
         return AppendResult(stream_id, tuple(recorded))
 
+    def _seal(self, connection: Connection, stream_id: str, version: int, type_name: str, data: str, first: str | None) -> str:
+        """The event's JSON with its personal fields sealed for its subject (named by it or its stream's first event)."""
+        sealer = self.sealer
+        assert sealer is not None
+        raw = msgspec.json.decode(data)
+        subject = sealer.subject_in(type_name, raw)
+        if subject is None:
+            if first is None:
+                cursor = connection.connection.cursor()
+                try:
+                    cursor.execute(self._first_event, (stream_id,))
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+                first = row[0] if row else "{}"
+            subject = sealer.subject_in(type_name, msgspec.json.decode(first))
+        if subject is None:
+            raise ValueError(f"{type_name} in stream {stream_id} names no subject to seal its personal data for")
+        key = sealer.keys.for_writing(connection, subject)
+        return msgspec.json.encode(sealer.seal(key, subject, stream_id, version, type_name, raw)).decode()
+
     def _replay(self, connection: Connection, cursor: Any, key: str, stream_id: str) -> AppendResult | None:
         cursor.execute(self._find_key, (key,))
         row = cursor.fetchone()
@@ -145,7 +173,7 @@ class EventStore:
         if row[0] != stream_id:
             raise IdempotencyKeyReused(key, stream_id, row[0])
         cursor.execute(self._select_range, (row[1], row[2]))
-        return AppendResult(stream_id, tuple(self._decode_rows(cursor.fetchall())), replayed=True)
+        return AppendResult(stream_id, tuple(self._decode_rows(cursor.fetchall(), connection)), replayed=True)
 
     def find_idempotent(self, key: str) -> AppendResult | None:
         """The append an idempotency key already made, if any (read-only, outside a write)."""
@@ -156,7 +184,7 @@ class EventStore:
             if row is None:
                 return None
             cursor.execute(self._select_range, (row[1], row[2]))
-            return AppendResult(row[0], tuple(self._decode_rows(cursor.fetchall())), replayed=True)
+            return AppendResult(row[0], tuple(self._decode_rows(cursor.fetchall(), connection)), replayed=True)
 
     # Reading
     def read_stream(
@@ -209,23 +237,43 @@ class EventStore:
         cursor = connection.connection.cursor()
         try:
             cursor.execute(statement, tuple(params))
-            return self._decode_rows(cursor.fetchall())
+            rows = cursor.fetchall()
         finally:
             cursor.close()
+        return self._decode_rows(rows, connection)
 
-    def _decode_rows(self, rows: Sequence[Sequence[Any]]) -> list[RecordedEvent]:
+    def _decode_rows(self, rows: Sequence[Sequence[Any]], connection: Connection) -> list[RecordedEvent]:
         decode, from_time = self.codec.decode, self.database.from_db_time
+        opened = self._open_sealed(rows, connection)
         metadata_cache: dict[str, EventMetadata] = {}
         out = []
         for position, stream_id, stream_type, version, type_name, schema_version, data, meta, at in rows:
             metadata = metadata_cache.get(meta)
             if metadata is None:
                 metadata = metadata_cache[meta] = _metadata_decoder.decode(meta)
+            event = opened[position] if position in opened else decode(type_name, schema_version, data)
             out.append(
                 RecordedEvent(position, stream_id, stream_type, version, type_name, schema_version,
-                              decode(type_name, schema_version, data), metadata, from_time(at))
+                              event, metadata, from_time(at))
             )
         return out
+
+    def _open_sealed(self, rows: Sequence[Sequence[Any]], connection: Connection) -> dict[int, Any]:
+        """The events among ``rows`` that carry sealed fields, opened with their subjects' keys (one query)."""
+        sealer = self.sealer
+        if sealer is None:
+            return {}
+        parsed = {row[0]: msgspec.json.decode(row[6]) for row in rows if sealer.seals(row[4])}
+        subjects = {s for raw in parsed.values() if (s := sealer.subject_of(raw)) is not None}
+        keys = sealer.keys.for_reading(connection, subjects) if subjects else {}
+        opened = {}
+        for position, stream_id, _, version, type_name, schema_version, *_ in rows:
+            raw = parsed.get(position)
+            if raw is not None:
+                subject = sealer.subject_of(raw)
+                key = keys[subject] if subject is not None else None
+                opened[position] = self.codec.decode_raw(type_name, schema_version, sealer.open(key, stream_id, version, type_name, raw))
+        return opened
 
 
 def _matches(expected: ExpectedVersion, actual: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from genome_service.eventstore.data_keys import DataKeys
 from genome_service.eventstore.records import AppendResult, RecordedEvent
 from genome_service.eventstore.repository import Aggregate, Repository
 from genome_service.projections.read_models import ReadModel
@@ -26,8 +27,11 @@ Folded = dict[str, tuple[ReadModel, Aggregate[Any]]]
 
 
 class Projector:
-    def __init__(self, repository: Repository, read_models: Sequence[ReadModel], *, name: str = "read_models", batch_size: int = 5000) -> None:
+    def __init__(self, repository: Repository, read_models: Sequence[ReadModel], *, name: str = "read_models",
+                 batch_size: int = 5000, keys: DataKeys | None = None) -> None:
+        """``keys``: seal the read models' personal columns (stored in clear without)."""
         self.repository = repository
+        self.keys = keys
         self.store = repository.store
         self.name = name
         self.batch_size = batch_size
@@ -48,7 +52,7 @@ class Projector:
             gap = self.store.read_all(after_position=checkpoint, limit=first - 1 - checkpoint, connection=connection)
             self._apply(connection, gap, {})
         if result.events[0].stream_type in self.read_models:
-            self.read_models[result.events[0].stream_type].write(connection, [aggregate])
+            self.read_models[result.events[0].stream_type].write(connection, [aggregate], keys=self.keys)
         self._set_checkpoint(connection, result.events[-1].position)
 
     def catch_up(self, progress: Progress | None = None) -> int:
@@ -82,6 +86,11 @@ class Projector:
             self._write(connection, folded, fresh=True)
             self._set_checkpoint(connection, position)
             return position
+
+    def forget(self, connection: Connection, subject_id: str) -> list[str]:
+        """Delete every read-model row of a subject whose personal data is erased; returns their stream ids."""
+        return [key for model in self.read_models.values() if model.subject is not None
+                for key in model.forget(connection, subject_id)]
 
     def checkpoint(self, connection: Connection) -> int:
         cursor = connection.connection.cursor()
@@ -125,7 +134,7 @@ class Projector:
         for model, aggregate in folded.values():
             groups.setdefault(model.decider.stream_type, []).append(aggregate)
         for stream_type, aggregates in groups.items():
-            self.read_models[stream_type].write(connection, aggregates, fresh=fresh)
+            self.read_models[stream_type].write(connection, aggregates, fresh=fresh, keys=self.keys)
 
 
 @contextmanager

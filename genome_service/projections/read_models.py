@@ -2,7 +2,8 @@
 
 A read model is a pure function of the folded state, so projecting reuses the
 domain's own ``evolve`` and no rule is written twice (once as a decision, once
-as SQL).
+as SQL). Columns holding a persona's personal text are stored sealed with its
+data key; a stream whose personal data was erased keeps no rows at all.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from genome_service.domain.genome import GENOME
 from genome_service.domain.knowledge import KNOWLEDGE
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
+from genome_service.eventstore.data_keys import DataKeys, SubjectErased
 from genome_service.eventstore.repository import Aggregate
 from genome_service.projections.columns import encoder
+from genome_service.projections.sealed_columns import seal_rows
 from genome_service.projections.tables import (
     AcademySessionRow,
     ConversationMessageRow,
@@ -45,6 +48,7 @@ class ChildRows(msgspec.Struct, frozen=True):
     table: sa.Table
     parent_key: str
     rows: Callable[[Aggregate[Any]], list[Row]]
+    sealed: tuple[str, ...] = ()  # columns of personal text
 
 
 class ReadModel(msgspec.Struct, frozen=True):
@@ -53,28 +57,72 @@ class ReadModel(msgspec.Struct, frozen=True):
     key: str
     to_row: Callable[[Any], Row]
     children: ChildRows | None = None
+    # Columns of personal text, sealed with the key of the persona named in ``subject``.
+    sealed: tuple[str, ...] = ()
+    subject: str | None = None
 
     @property
     def tables(self) -> tuple[sa.Table, ...]:
         return (self.table,) if self.children is None else (self.table, self.children.table)
 
-    def write(self, connection: Connection, aggregates: Sequence[Aggregate[Any]], *, fresh: bool = False) -> None:
-        """Upsert the aggregates' rows; ``fresh`` means the tables were just cleared (a rebuild)."""
-        rows = [self.to_row(a.state) | _stamps(a) for a in aggregates if a.state is not None]
-        if not rows:
+    def write(self, connection: Connection, aggregates: Sequence[Aggregate[Any]], *, fresh: bool = False,
+              keys: DataKeys | None = None) -> None:
+        """Upsert the aggregates' rows; ``fresh`` means the tables were just cleared (a rebuild).
+
+        ``keys`` seal the personal columns; an aggregate whose subject's key is shredded
+        (its events read back ``erased``, or were written in clear before sealing) loses its rows."""
+        live = [a for a in aggregates if a.state is not None and not getattr(a.state, "erased", False)]
+        subject_keys: dict[str, Any] = {}  # stream id -> its subject's data key
+        if self.subject is not None and keys is not None:
+            by_subject: dict[str, Any] = {}
+            for aggregate in live:
+                subject = getattr(aggregate.state, self.subject)
+                if subject not in by_subject:
+                    try:
+                        by_subject[subject] = keys.for_writing(connection, subject)
+                    except SubjectErased:
+                        by_subject[subject] = None
+                subject_keys[aggregate.stream_id] = by_subject[subject]
+            live = [a for a in live if subject_keys[a.stream_id] is not None]
+        kept = {a.stream_id for a in live}
+        gone = [a.stream_id for a in aggregates if a.state is not None and a.stream_id not in kept]
+        if gone and not fresh:
+            self.delete(connection, gone)
+        if not live:
             return
         db = RowWriter(connection)
+        rows = [self._sealed(subject_keys, a, self.table, [self.to_row(a.state) | _stamps(a)], self.sealed)[0] for a in live]
         db.upsert(self.table, self.key, rows)
         if self.children is None:
             return
         child = self.children
         if not fresh:
             db.delete_where_in(child.table, child.parent_key, [row[self.key] for row in rows])
-        db.insert(child.table, [r for a in aggregates if a.state is not None for r in child.rows(a)])
+        db.insert(child.table, [r for a in live for r in self._sealed(subject_keys, a, child.table, child.rows(a), child.sealed)])
+
+    def delete(self, connection: Connection, keys: list[str]) -> None:
+        db = RowWriter(connection)
+        if self.children is not None:
+            db.delete_where_in(self.children.table, self.children.parent_key, keys)
+        db.delete_where_in(self.table, self.key, keys)
+
+    def forget(self, connection: Connection, subject_id: str) -> list[str]:
+        """Delete every row of the subject (the keys of the streams they came from, returned)."""
+        assert self.subject is not None, "only a read model with a subject can forget one"
+        column = self.table.c[self.subject]
+        keys = [row[0] for row in connection.execute(sa.select(self.table.c[self.key]).where(column == subject_id))]
+        self.delete(connection, keys)
+        return keys
 
     def clear(self, connection: Connection) -> None:
         for table in self.tables:
             connection.execute(sa.delete(table))
+
+    @staticmethod
+    def _sealed(subject_keys: dict[str, Any], aggregate: Aggregate[Any], table: sa.Table, rows: list[Row],
+                columns: tuple[str, ...]) -> list[Row]:
+        key = subject_keys.get(aggregate.stream_id)
+        return rows if key is None or not columns else seal_rows(key, table, rows, columns)
 
 
 class RowWriter:
@@ -159,7 +207,7 @@ def _academy_row(state: Any) -> Row:
 
 
 def _knowledge_row(state: Any) -> Row:
-    return _fields(state, "chunks") | {"chunk_count": len(state.chunks)}
+    return _fields(state, "chunks", "erased") | {"chunk_count": len(state.chunks)}
 
 
 def _knowledge_chunk_rows(aggregate: Aggregate[Any]) -> list[Row]:
@@ -173,7 +221,7 @@ def _knowledge_chunk_rows(aggregate: Aggregate[Any]) -> list[Row]:
 
 
 def _conversation_row(state: Any) -> Row:
-    return _fields(state, "messages") | {"message_count": len(state.messages)}
+    return _fields(state, "messages", "erased") | {"message_count": len(state.messages)}
 
 
 def _conversation_message_rows(aggregate: Aggregate[Any]) -> list[Row]:
@@ -201,13 +249,16 @@ READ_MODELS: tuple[ReadModel, ...] = (
         KnowledgeRow.__table__,  # type: ignore[attr-defined]
         "knowledge_id",
         _knowledge_row,
-        ChildRows(KnowledgeChunkRow.__table__, "knowledge_id", _knowledge_chunk_rows),  # type: ignore[attr-defined]
+        ChildRows(KnowledgeChunkRow.__table__, "knowledge_id", _knowledge_chunk_rows, sealed=("text",)),  # type: ignore[attr-defined]
+        sealed=("title",),
+        subject="persona_id",
     ),
     ReadModel(
         CONVERSATION,
         ConversationRow.__table__,  # type: ignore[attr-defined]
         "conversation_id",
         _conversation_row,
-        ChildRows(ConversationMessageRow.__table__, "conversation_id", _conversation_message_rows),  # type: ignore[attr-defined]
+        ChildRows(ConversationMessageRow.__table__, "conversation_id", _conversation_message_rows, sealed=("content",)),  # type: ignore[attr-defined]
+        subject="persona_id",
     ),
 )

@@ -82,6 +82,8 @@ class PersonaRow(SQLModel, table=True):
     system_prompt: str
     genome_id: str | None = Field(default=None, max_length=64)
     archived: bool
+    # Its knowledge and conversations were crypto-shredded (it is archived too).
+    erased: bool = Field(default=False, sa_column=sa.Column(sa.Boolean(), nullable=False, server_default=sa.false()))
     version: int
     created_at: datetime = Field(sa_column=_time())
     updated_at: datetime = Field(sa_column=_time())
@@ -118,7 +120,7 @@ class KnowledgeRow(SQLModel, table=True):
     knowledge_id: str = Field(primary_key=True, max_length=64)
     persona_id: str = Field(index=True, max_length=64)
     owner: str = Field(index=True, max_length=200)
-    title: str = Field(max_length=200)
+    title: str  # sealed: longer than the 200 characters a title may have
     media_type: str = Field(max_length=32)
     chunk_count: int
     removed: bool
@@ -128,7 +130,7 @@ class KnowledgeRow(SQLModel, table=True):
 
 
 class KnowledgeChunkRow(SQLModel, table=True):
-    """One searchable chunk of a document; a removed document keeps none."""
+    """One searchable chunk of a document (its text sealed); a removed document keeps none."""
 
     __tablename__ = "knowledge_chunks"
 
@@ -153,7 +155,7 @@ class ConversationRow(SQLModel, table=True):
 
 
 class ConversationMessageRow(SQLModel, table=True):
-    """One message of a conversation; a reply also holds how it was generated (JSON)."""
+    """One message of a conversation (its content sealed); a reply also holds how it was generated (JSON)."""
 
     __tablename__ = "conversation_messages"
 

@@ -23,8 +23,10 @@ import sqlalchemy as sa
 from genome_service.domain.common import Decider
 from genome_service.domain.knowledge import KNOWLEDGE, Knowledge
 from genome_service.domain.layer import LAYER, Layer
+from genome_service.domain.persona import PersonaErased
 from genome_service.eventstore.records import RecordedEvent
 from genome_service.eventstore.repository import Repository
+from genome_service.projections.sealed_columns import open_value
 from genome_service.projections.tables import KnowledgeChunkRow
 from genome_service.settings import Settings
 from rag.embedder import Embedder
@@ -57,7 +59,8 @@ def chunk_key(knowledge_id: str, ordinal: int) -> str:
 
 
 class _Operation(msgspec.Struct, frozen=True):
-    """One change to an index: an upsert by text or vector, or (neither) a removal."""
+    """One change to an index: an upsert by text or vector, or (neither) a removal: of ``key``, or
+    without a key, of every entry with these ``attributes``."""
 
     index: VectorIndex
     key: str
@@ -92,7 +95,7 @@ def _layer_operations(index: VectorIndex, layer: Layer) -> list[_Operation]:
 
 def _knowledge_operations(index: VectorIndex, knowledge: Knowledge) -> list[_Operation]:
     keys = [chunk_key(knowledge.knowledge_id, i) for i in range(len(knowledge.chunks))]
-    if knowledge.removed:
+    if knowledge.removed or knowledge.erased:
         return [_Operation(index, key) for key in keys]
     attributes = {"persona_id": knowledge.persona_id}
     return [_Operation(index, key, text=text, attributes=attributes) for key, text in zip(keys, knowledge.chunks, strict=True)]
@@ -194,6 +197,12 @@ class SearchIndexes:
         operations: list[_Operation] = []
         states: dict[str, Any] = {}
         for event in events:
+            if isinstance(event.event, PersonaErased) and event.position > self.knowledge.position:
+                # Every vector of its knowledge: those its (now unreadable) events added, and those of
+                # documents written before sealing existed, which still read in clear.
+                assert self.knowledge.index is not None
+                operations.append(_Operation(self.knowledge.index, "", attributes={"persona_id": event.stream_id}))
+                continue
             projection = self._projections.get(event.stream_type)
             if projection is None or event.position <= projection.position:
                 continue
@@ -206,7 +215,11 @@ class SearchIndexes:
         texts = list(dict.fromkeys(op.text for op in operations if op.text is not None))
         vectors = dict(zip(texts, self.embedder.embed(texts), strict=True)) if texts else {}
         for op in operations:
-            if op.text is None and op.vector is None:
+            if not op.key:
+                where = Filter({name: frozenset({value}) for name, value in op.attributes.items()})
+                for key in op.index.keys_where(where):
+                    op.index.remove(key)
+            elif op.text is None and op.vector is None:
                 op.index.remove(op.key)
             else:
                 vector = vectors[op.text] if op.text is not None else np.asarray(op.vector, dtype=np.float32)
@@ -264,4 +277,7 @@ class SearchIndexes:
             CHUNKS.c.persona_id == persona_id, CHUNKS.c.knowledge_id.in_(sorted(knowledge_ids)),
         )
         with self.store.database.read() as connection:
-            return {chunk_key(kid, ordinal): text for kid, ordinal, text in connection.execute(statement)}
+            rows = [dict(row) for row in connection.execute(statement).mappings()]
+            key = self.store.sealer.keys.for_reading(connection, [persona_id])[persona_id] if self.store.sealer else None
+        texts = {chunk_key(row["knowledge_id"], row["ordinal"]): open_value(key, CHUNKS, row, "text") for row in rows}
+        return {chunk: text for chunk, text in texts.items() if text is not None}

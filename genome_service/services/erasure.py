@@ -1,0 +1,66 @@
+"""Erasing a persona's personal data: crypto-shredding its key, deleting its rows, scrubbing old pages.
+
+``PersonaErased`` (which holds no personal data) is recorded, the persona's data
+key shredded and its knowledge and conversation rows deleted in one transaction.
+Afterwards its sealed values read back as ``erased`` everywhere: replays,
+projection rebuilds, index rebuilds.
+"""
+
+from __future__ import annotations
+
+from genome_service.domain.persona import PERSONA, ErasePersona
+from genome_service.eventstore.records import EventMetadata, Expect
+from genome_service.services.bootstrap import Services
+
+# Tables whose deleted rows may have held personal text (in clear, if written before sealing).
+TOUCHED_TABLES = ("personal_data_keys", "knowledge", "knowledge_chunks", "conversations", "conversation_messages",
+                  "snapshots", "personas")
+
+
+def erase_persona(services: Services, persona_id: str, metadata: EventMetadata) -> None:
+    """Erase a persona's personal data for good. Raises ``DomainError`` (``persona_erased``) the second time."""
+    database = services.database
+    with database.write() as connection:
+        current = services.repository.load(PERSONA, persona_id, connection=connection)
+        events = PERSONA.decide(ErasePersona(), current.state)
+        result = services.store.append_in(connection, persona_id, PERSONA.stream_type, events,
+                                          current.version or Expect.NO_STREAM, metadata)
+        services.projector.apply_inline(connection, result, current.extend(PERSONA, result.events))
+        secure = database.dialect == "sqlite"
+        if secure:
+            # Zero the deleted cells and freed pages instead of only unlinking them.
+            connection.exec_driver_sql("PRAGMA secure_delete = ON")
+        try:
+            services.data_keys.shred(connection, persona_id)
+            _delete_snapshots(connection, services.projector.forget(connection, persona_id))
+        finally:
+            if secure:
+                connection.exec_driver_sql("PRAGMA secure_delete = OFF")
+    _scrub(services)
+    services.search.current().save()
+
+
+def _delete_snapshots(connection, streams: list[str]) -> None:  # type: ignore[no-untyped-def]
+    # Streams of personal data are no longer snapshotted, but ones written before may be.
+    mark = "?" if connection.dialect.name == "sqlite" else "%s"
+    cursor = connection.connection.cursor()
+    try:
+        for start in range(0, len(streams), 500):
+            chunk = streams[start:start + 500]
+            cursor.execute(f"DELETE FROM snapshots WHERE stream_id IN ({', '.join([mark] * len(chunk))})", chunk)
+    finally:
+        cursor.close()
+
+
+def _scrub(services: Services) -> None:
+    """Leave no copy of what was deleted where the database keeps old pages: SQLite's WAL, PostgreSQL's dead rows."""
+    database = services.database
+    if database.dialect == "sqlite":
+        raw = database.write_engine.raw_connection()
+        try:
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
+        return
+    with database.write_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql(f"VACUUM {', '.join(TOUCHED_TABLES)}")
