@@ -321,12 +321,17 @@ class Runner:
         base = self.settings.training
         config = msgspec.structs.replace(base, steps=state.budget_steps,
                                          warmup_steps=min(base.warmup_steps, state.budget_steps - 1))
-        deadline = time.monotonic() + state.budget_seconds
+        # The budget holds for the whole session: earlier tasks and runs cut short by a crash
+        # count with what their last checkpoint recorded (steps after it run again, and count again).
+        spent, started = state.training_seconds, time.monotonic()
         check_cancel = self._cancel_check(session_id)
         marks: dict[int, tuple[float, float]] = {}
 
+        def seconds() -> float:
+            return spent + time.monotonic() - started
+
         def cancelled() -> bool:
-            if time.monotonic() > deadline:
+            if seconds() > state.budget_seconds:
                 raise RuntimeError(f"the time budget of {state.budget_seconds:g} s ran out during training")
             return check_cancel()
 
@@ -334,7 +339,7 @@ class Runner:
             # Recorded only now, with its checkpoint on disk: a recorded step never runs again.
             if step > self._state(session_id).last_step(task.task_id):
                 loss, rate = marks[step]
-                self._execute(session_id, RecordTrainingProgress(task.task_id, step, loss, rate))
+                self._execute(session_id, RecordTrainingProgress(task.task_id, step, loss, rate, round(seconds(), 3)))
 
         result = train_lora(
             self.services.models.folder(self.model_name),

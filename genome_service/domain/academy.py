@@ -122,6 +122,9 @@ class TrainingProgressed(msgspec.Struct, frozen=True, gc=False, tag=True):
     step: int
     loss: float
     learning_rate: float
+    # The session's training time so far, every task and every run before a resume included:
+    # what the time budget is held against.
+    seconds: float = 0.0
 
 
 class LayerProduced(msgspec.Struct, frozen=True, gc=False, tag=True):
@@ -179,6 +182,7 @@ class AcademySession(msgspec.Struct, frozen=True, gc=False):
     examples: int = 0
     trained_steps: tuple[tuple[str, int], ...] = ()  # (task id, last checkpointed step)
     loss: float | None = None  # the latest training loss
+    training_seconds: float = 0.0  # spent on training, as of the latest checkpoint
     finished_tasks: tuple[tuple[str, str], ...] = ()  # (task id, layer id) produced or reused
 
     def challenge(self, challenge_id: str) -> Challenge | None:
@@ -238,6 +242,7 @@ class RecordTrainingProgress(msgspec.Struct, frozen=True, gc=False):
     step: int
     loss: float
     learning_rate: float
+    seconds: float = 0.0
 
 
 class RecordLayerProduced(msgspec.Struct, frozen=True, gc=False):
@@ -308,7 +313,7 @@ def decide(command: AcademyCommand, state: AcademySession | None) -> list[Academ
             return [_scored(command, state)]
         case KeepExample(challenge_id=challenge_id, messages=messages):
             return [_kept(challenge_id, messages, state)]
-        case RecordTrainingProgress(task_id=task_id, step=step, loss=loss, learning_rate=rate):
+        case RecordTrainingProgress(task_id=task_id, step=step, loss=loss, learning_rate=rate, seconds=seconds):
             _require_training_task(task_id, state)
             last = state.last_step(task_id)
             # A step recorded is a step checkpointed; recording it again means it ran twice.
@@ -322,7 +327,13 @@ def decide(command: AcademyCommand, state: AcademySession | None) -> list[Academ
                 "training_progress_not_finite",
                 f"task {task_id}: loss and learning rate must be finite and non-negative (got {loss}, {rate})",
             )
-            return [TrainingProgressed(task_id, step, loss, rate)]
+            require(
+                math.isfinite(seconds) and seconds >= state.training_seconds,
+                "training_seconds_not_after_last",
+                f"task {task_id}: training seconds must be finite and at least the {state.training_seconds:g} "
+                f"already spent (got {seconds})",
+            )
+            return [TrainingProgressed(task_id, step, loss, rate, seconds)]
         case RecordLayerProduced():
             _require_training_task(command.task_id, state)
             _require_task_open(command.task_id, state)
@@ -460,9 +471,10 @@ def evolve(state: AcademySession | None, event: AcademyEvent) -> AcademySession:
         case ExampleKept(challenge_id=challenge_id):
             state = _with_challenge(state, challenge_id, kept=True)
             return msgspec.structs.replace(state, examples=state.examples + 1)
-        case TrainingProgressed(task_id=task_id, step=step, loss=loss):
+        case TrainingProgressed(task_id=task_id, step=step, loss=loss, seconds=seconds):
             steps = {**dict(state.trained_steps), task_id: step}
-            return msgspec.structs.replace(state, trained_steps=tuple(steps.items()), loss=loss)
+            return msgspec.structs.replace(state, trained_steps=tuple(steps.items()), loss=loss,
+                                           training_seconds=max(seconds, state.training_seconds))
         case LayerProduced(task_id=task_id, layer_id=layer_id) | LayerReused(task_id=task_id, layer_id=layer_id):
             return msgspec.structs.replace(state, finished_tasks=(*state.finished_tasks, (task_id, layer_id)))
     raise TypeError(f"unknown academy session event {type(event).__name__}")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,39 @@ def test_a_worker_killed_mid_training_leaves_the_session_to_the_next_which_runs_
     scored = [e.challenge_id for e in after if isinstance(e, ResponseScored)]
     assert challenges == sorted(set(challenges)) and len(challenges) == 3 and sorted(scored) == challenges
     assert len([e for e in after if isinstance(e, LayerProduced)]) == 1
+
+
+def test_a_resumed_session_is_held_to_the_time_budget_its_first_worker_started(
+    services: Services, env: dict[str, str]
+) -> None:
+    budget = 24.0
+    services.commands.execute(ACADEMY_SESSION, "s1", StartAcademySession(
+        "s1", "alice", "p1", "Answer every question in a calm, gentle voice.", budget_steps=100_000,
+        budget_seconds=budget))
+    first = subprocess.Popen([*CLI, "--quiet", "academy", "worker"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        # Killed with at most a third of the budget left: all the next worker may train.
+        while not any(isinstance(e, TrainingProgressed) and e.seconds >= budget * 2 / 3 for e in events(services, "s1")):
+            assert first.poll() is None and time.monotonic() < deadline, "the first worker never spent its budget"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    resumed_at = datetime.now(UTC)
+
+    second = subprocess.run([*CLI, "academy", "worker", "--once"], env=env, capture_output=True, text=True,
+                            timeout=300)
+
+    assert second.returncode == 0, second.stderr
+    history = services.store.read_stream("s1")
+    state = services.repository.load(ACADEMY_SESSION, "s1").state
+    assert state.status is SessionStatus.FAILED and "time budget of 24 s ran out" in state.reason
+    # The budget is checked before each step: the step under way when it ends may finish.
+    assert all(e.event.seconds < budget + 2 for e in history if isinstance(e.event, TrainingProgressed))
+    # Starting, loading and at most a third of the budget: a fresh budget would train 24 s alone.
+    assert (history[-1].recorded_at - resumed_at).total_seconds() < budget * 5 / 6
 
 
 def test_academy_run_trains_a_layer_and_plots_the_loss(services: Services, env: dict[str, str], tmp_path: Path) -> None:
