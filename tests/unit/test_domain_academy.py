@@ -233,6 +233,16 @@ def test_a_training_step_recorded_twice_is_refused_so_no_step_runs_twice():
     assert refused(RecordTrainingProgress("t1", 3, 2.0, 1e-3), state) == "training_step_not_after_last"
 
 
+def test_training_seconds_add_up_across_tasks_and_never_go_back():
+    state = run(planned(), RecordTrainingProgress("t1", 5, 2.0, 1e-3, seconds=4.0))
+    assert state.training_seconds == 4.0
+    assert refused(RecordTrainingProgress("t1", 10, 2.0, 1e-3, seconds=3.5), state) == "training_seconds_not_after_last"
+    assert refused(RecordTrainingProgress("t1", 10, 2.0, 1e-3, seconds=math.inf), state) == (
+        "training_seconds_not_after_last"
+    )
+    assert run(state, RecordTrainingProgress("t1", 10, 2.0, 1e-3, seconds=9.0)).training_seconds == 9.0
+
+
 def test_a_task_gets_one_layer_at_most():
     state = run(planned(), RecordLayerProduced("t1", "l10", 1.0, "a" * 64, METRICS))
     assert refused(RecordLayerProduced("t1", "l11", 1.0, "a" * 64, METRICS), state) == "task_finished"
