@@ -71,7 +71,8 @@ class ReadModel(msgspec.Struct, frozen=True):
 
         ``keys`` seal the personal columns; an aggregate whose subject's key is shredded
         (its events read back ``erased``, or were written in clear before sealing) loses its rows."""
-        live = [a for a in aggregates if a.state is not None and not getattr(a.state, "erased", False)]
+        personal = self.subject is not None
+        live = [a for a in aggregates if a.state is not None and not (personal and a.state.erased)]
         subject_keys: dict[str, Any] = {}  # stream id -> its subject's data key
         if self.subject is not None and keys is not None:
             by_subject: dict[str, Any] = {}
