@@ -22,6 +22,7 @@ from genome_service.api.resources import (
     caller_of,
     event_views,
     page,
+    visible,
     visible_row,
     with_etag,
 )
@@ -29,7 +30,7 @@ from genome_service.domain import genome as domain
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
 from genome_service.eventstore.repository import Aggregate
-from genome_service.projections.queries import child_rows
+from genome_service.projections.queries import child_rows, get_row_with_children
 from genome_service.projections.tables import GenomeLayerRefRow, GenomeRow
 from genome_service.services.bootstrap import Services
 from genome_service.services.creation import create_stream
@@ -179,8 +180,10 @@ class GenomeController(Controller):
         caller = caller_of(request)
         if version is None and as_of is None:
             with services.database.read() as connection:
-                row = visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", connection=connection)
-                genome = _from_row(row, _stacks(connection, [genome_id])[genome_id])
+                found = get_row_with_children(connection, TABLE, "genome_id", genome_id, REFS, "position")
+            row, refs = found or (None, [])
+            row = visible(row, genome_id, caller, "genome")
+            genome = _from_row(row, [StackedLayer(r["layer_id"], r["weight"], r["position"]) for r in refs])
             return with_etag(genome, genome.version)
         _visible_genome(services, genome_id, caller)
         if as_of is not None:

@@ -2,13 +2,22 @@
 
 A key reads ``gsk_<key id>_<secret>``. Only its hash is kept, so a leaked
 database does not leak working keys; the id lets a lookup hit one row.
+
+Every keyless request asks whether any key is active (no key: the server runs
+open). A process trusts its answer for ``OPEN_MODE_RECHECK_SECONDS``; the query
+cost as much as the rest of a GET's own database work. Creating the first key
+therefore waits that long before it returns, so that once ``keys create`` has
+printed a key, no running server still serves keyless requests. Presented keys
+are looked up on every request: a revocation counts from the next request on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
+import time
 from datetime import UTC, datetime
 
 import msgspec
@@ -19,6 +28,7 @@ from genome_service.eventstore.database import Database
 from genome_service.projections.columns import utc
 
 PREFIX = "gsk"
+OPEN_MODE_RECHECK_SECONDS = 0.5
 
 
 class ApiKeyRow(SQLModel, table=True):
@@ -52,23 +62,30 @@ def _hash(key: str) -> str:
 
 
 class KeyStore:
-    """Every request asks one of two questions here, so both are plain driver SQL: a
-    key created or revoked by another process counts from the next request on."""
+    """Every request asks one of two questions here, so both are plain driver SQL."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
         self._select_owner = database.sql("SELECT owner, key_hash FROM api_keys WHERE key_id = ? AND revoked_at IS NULL")
+        self._any_active = False
+        self._checked_at = -math.inf
 
     def create(self, owner: str) -> IssuedKey:
+        """A new key for ``owner``; the first active one returns only once open servers have closed."""
         owner = owner.strip()
         if not owner or len(owner) > 200:
             raise ValueError("an API key needs an owner name of 1 to 200 characters")
         key_id = secrets.token_hex(6)
         secret = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         with self.database.write() as connection:
+            # Inside the write transaction: no other key can appear between this read and the insert.
+            first = connection.execute(sa.select(_table.c.key_id).where(_table.c.revoked_at.is_(None)).limit(1)).first() is None
             connection.execute(
                 sa.insert(_table).values(key_id=key_id, owner=owner, key_hash=_hash(secret), created_at=datetime.now(UTC))
             )
+        self._checked_at = -math.inf
+        if first:
+            time.sleep(OPEN_MODE_RECHECK_SECONDS)
         return IssuedKey(key_id, owner, secret)
 
     def revoke(self, key_id: str) -> bool:
@@ -78,6 +95,7 @@ class KeyStore:
                 .where(_table.c.key_id == key_id, _table.c.revoked_at.is_(None))
                 .values(revoked_at=datetime.now(UTC))
             )
+        self._checked_at = -math.inf
         return result.rowcount == 1
 
     def list(self) -> list[ApiKey]:
@@ -89,6 +107,14 @@ class KeyStore:
             ]
 
     def any_active(self) -> bool:
+        """Whether any key is active, as of at most ``OPEN_MODE_RECHECK_SECONDS`` ago."""
+        # The time is taken before the query, so the answer is never older than it claims.
+        now = time.monotonic()
+        if now - self._checked_at >= OPEN_MODE_RECHECK_SECONDS:
+            self._any_active, self._checked_at = self._query_any_active(), now
+        return self._any_active
+
+    def _query_any_active(self) -> bool:
         with self.database.read() as connection:
             cursor = connection.connection.cursor()
             try:
