@@ -24,6 +24,7 @@ import numpy as np
 from genome_service.academy.judge import Judgement, complete, judge
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
+    MAX_NEEDS,
     TERMINAL,
     AcademySession,
     Challenge,
@@ -41,6 +42,7 @@ from genome_service.domain.academy import (
     ScoreResponse,
     SessionStatus,
     TaskAction,
+    goal_needs,
 )
 from genome_service.domain.common import DomainError
 from genome_service.domain.genome import GENOME, AttachLayer, LayerFacts
@@ -220,21 +222,29 @@ class Runner:
     # --- plan -----------------------------------------------------------------------------
 
     def _plan(self, state: AcademySession) -> AcademySession:
+        """One task per need of the goal; needs that come to the same decision share a task."""
         if state.tasks is not None:
             return state
-        search = self.services.search
-        goal = search.query_vector(state.goal)
-        trait = self._trait(goal)
-        hits = search.current().search_layers(goal, 1, owner=state.owner, base_model=self.model_name)
-        best = hits[0] if hits else None
-        if best is not None and best.score >= state.target_similarity:
-            task = PlanTask("t1", trait, TaskAction.USE, best.key, round(float(best.score), 6))
-        elif best is not None and best.score >= self.settings.refine_similarity:
-            task = PlanTask("t1", trait, TaskAction.REFINE, best.key, round(float(best.score), 6))
-        else:
-            task = PlanTask("t1", trait, TaskAction.TRAIN)
-        self._execute(state.session_id, MakePlan((task,)))
+        tasks: dict[tuple[object, ...], PlanTask] = {}
+        for need in goal_needs(state.goal, min(MAX_NEEDS, state.budget_steps)):
+            task = self._task(state, need, f"t{len(tasks) + 1}")
+            key = (task.action, task.layer_id) if task.layer_id else (task.action, task.trait_type)
+            same = tasks.get(key)
+            tasks[key] = task if same is None else msgspec.structs.replace(same, need=f"{same.need} {need}")
+        self._execute(state.session_id, MakePlan(tuple(tasks.values())))
         return self._state(state.session_id)
+
+    def _task(self, state: AcademySession, need: str, task_id: str) -> PlanTask:
+        """Use the nearest layer as is, refine it, or train from scratch, by its similarity to the need."""
+        search = self.services.search
+        vector = search.query_vector(need)
+        trait = self._trait(vector)
+        hits = search.current().search_layers(vector, 1, owner=state.owner, base_model=self.model_name)
+        best = hits[0] if hits else None
+        if best is None or best.score < self.settings.refine_similarity:
+            return PlanTask(task_id, trait, TaskAction.TRAIN, need=need)
+        action = TaskAction.USE if best.score >= state.target_similarity else TaskAction.REFINE
+        return PlanTask(task_id, trait, action, best.key, round(float(best.score), 6), need)
 
     def _trait(self, goal: np.ndarray) -> TraitType:
         vectors = self.services.search.embedder.embed(list(TRAITS.values()))
@@ -250,7 +260,7 @@ class Runner:
             self._attach(state, task.layer_id)
             return
         self._curate(session_id, task)
-        examples = self._examples(session_id)
+        examples = self._examples(session_id, task.task_id)
         if not examples:
             raise RuntimeError(f"no answer scored at least {self.settings.keep_score}: nothing to train on")
         layer_id = self._train(session_id, task, examples)
@@ -268,9 +278,10 @@ class Runner:
             state = self._state(session_id)
             challenge = state.challenge(challenge_id)
             if challenge is None:
-                prompt = self._generate_challenge(state.goal, task.trait_type, difficulty, ordinal, cancelled)
+                need = task.need or state.goal
+                prompt = self._generate_challenge(need, task.trait_type, difficulty, ordinal, cancelled)
                 self._execute(session_id, RecordChallenge(challenge_id, task.trait_type, difficulty, prompt,
-                                                          (state.goal,), task.task_id))
+                                                          (need,), task.task_id))
                 challenge = self._state(session_id).challenge(challenge_id)
             assert challenge is not None
             if challenge.score is None:
@@ -308,9 +319,12 @@ class Runner:
         answer = complete(self.backend, messages, sampling, self.stacks.stack(layers), cancelled).strip()
         return system, answer or "I do not know."
 
-    def _examples(self, session_id: str) -> list[Example]:
-        """The kept examples from the events, easier curriculum levels first."""
-        kept = [e.event for e in self.services.store.read_stream(session_id) if isinstance(e.event, ExampleKept)]
+    def _examples(self, session_id: str, task_id: str) -> list[Example]:
+        """The task's kept examples (and those of challenges asked on demand, which serve the
+        whole goal) from the events, easier curriculum levels first."""
+        serves = {c.challenge_id for c in self._state(session_id).challenges if c.task_id in (task_id, None)}
+        kept = [e.event for e in self.services.store.read_stream(session_id)
+                if isinstance(e.event, ExampleKept) and e.event.challenge_id in serves]
         kept.sort(key=lambda example: example.level)
         return [Example(tuple(ChatMessage(m.role, m.content) for m in e.messages)) for e in kept]  # type: ignore[arg-type]
 
@@ -319,8 +333,8 @@ class Runner:
     def _train(self, session_id: str, task: PlanTask, examples: list[Example]) -> str:
         state = self._state(session_id)
         base = self.settings.training
-        config = msgspec.structs.replace(base, steps=state.budget_steps,
-                                         warmup_steps=min(base.warmup_steps, state.budget_steps - 1))
+        steps = self._steps(state, task)
+        config = msgspec.structs.replace(base, steps=steps, warmup_steps=min(base.warmup_steps, steps - 1))
         # The budget holds for the whole session: earlier tasks and runs cut short by a crash
         # count with what their last checkpoint recorded (steps after it run again, and count again).
         spent, started = state.training_seconds, time.monotonic()
@@ -356,7 +370,7 @@ class Runner:
         digest = data_sha256(examples)
         metrics = TrainingMetrics(loss=round(result.losses[-1], 6), epochs=None, steps=result.steps)
         details = LayerDetails(
-            name=f"academy: {state.goal[:180]}",
+            name=f"academy: {(task.need or state.goal)[:180]}",
             base_model=self.model_name,
             trait_type=task.trait_type,
             description=f"Trained by academy session {session_id} on {len(examples)} examples (data sha256 {digest}).",
@@ -373,6 +387,13 @@ class Runner:
             self._execute(session_id, RecordLayerProduced(task.task_id, layer_id, self.settings.layer_weight, digest,
                                                           metrics, details.parent_layer_id))
         return layer_id
+
+    @staticmethod
+    def _steps(state: AcademySession, task: PlanTask) -> int:
+        """The task's share of the session's step budget: the training tasks split it evenly."""
+        training = [t.task_id for t in state.tasks or () if t.action is not TaskAction.USE]
+        share, extra = divmod(state.budget_steps, len(training))
+        return max(1, share + (training.index(task.task_id) < extra))
 
     def _checkpoints(self, session_id: str, task_id: str) -> Path:
         return self.services.settings.data_dir / "academy" / session_id / task_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 
 import msgspec
 
@@ -57,6 +58,8 @@ class Difficulty(enum.StrEnum):
 LEVELS = {Difficulty.BEGINNER: 1, Difficulty.INTERMEDIATE: 2, Difficulty.ADVANCED: 3}
 MAX_CHALLENGES = 1_000
 MAX_TASKS = 16
+MAX_NEEDS = 3  # a goal's sentences planned as tasks of their own; more would thin the budget out
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
 class PlanTask(msgspec.Struct, frozen=True, gc=False):
@@ -64,12 +67,25 @@ class PlanTask(msgspec.Struct, frozen=True, gc=False):
     trait_type: TraitType
     action: TaskAction
     layer_id: str | None = None  # the layer used or refined
-    similarity: float | None = None  # of that layer to the goal
+    similarity: float | None = None  # of that layer to the need
+    need: str = ""  # the part of the goal this task serves; empty: the whole goal
 
 
 class ExampleMessage(msgspec.Struct, frozen=True, gc=False):
     role: str  # system, user or assistant
     content: str
+
+
+def goal_needs(goal: str, limit: int = MAX_NEEDS) -> list[str]:
+    """The goal's needs: its sentences (or lines), the first `limit` distinct ones; the rest of
+    the goal goes with the last, so no part of it is dropped."""
+    parts: list[str] = []
+    for part in (p.strip() for p in _SENTENCE_END.split(goal)):
+        if part and part.lower() not in {p.lower() for p in parts}:
+            parts.append(part)
+    if len(parts) > limit >= 1:
+        parts[limit - 1:] = [" ".join(parts[limit - 1:])]
+    return parts or [goal.strip()]
 
 
 # Events
@@ -377,6 +393,7 @@ def _require_tasks(tasks: tuple[PlanTask, ...]) -> None:
     ids = [task.task_id for task in tasks]
     require(len(set(ids)) == len(ids), "task_id_repeated", f"task ids must be unique (got {ids})")
     for task in tasks:
+        require(len(task.need) <= 2000, "need_too_long", f"task {task.task_id}: a need is at most 2000 characters")
         needs_layer = task.action is not TaskAction.TRAIN
         require(
             (task.layer_id is not None) == needs_layer,

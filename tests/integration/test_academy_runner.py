@@ -177,3 +177,34 @@ def test_an_unexpected_error_fails_the_session_with_its_reason_and_the_worker_go
     [record] = caplog.records
     assert "s1" in record.getMessage() and "FileNotFoundError" in record.getMessage() and "Traceback" not in record.getMessage()
     assert "load_adapter" in record.getMessage() and "calm, gentle voice" not in caplog.text
+
+
+def test_a_goal_of_several_needs_plans_one_task_each_and_they_share_the_step_budget(
+    academy: Services, backend: TorchBackend, tiny_model: Path
+) -> None:
+    # An existing layer made for the first need is used as is; the others are trained from scratch.
+    files = make_adapter_files("peft", spec=tiny_spec(tiny_model, MODEL))
+    warm_voice = "Speak in a warm, gentle voice."
+    details = LayerDetails(name=warm_voice, base_model=MODEL, trait_type=TraitType.TONE_AND_VOICE,
+                           description=warm_voice)
+    warm = register_layer(academy, "alice", details, files, EventMetadata(actor="alice")).aggregate.stream_id
+    needs = (warm_voice, "Explain calculus and algebra precisely.", "Respect the customs and traditions of every culture.")
+    academy.commands.execute(ACADEMY_SESSION, "s1", StartAcademySession(
+        "s1", "alice", "p1", " ".join(needs), target_similarity=0.75, budget_steps=11, budget_seconds=600.0))
+
+    final = Runner(academy, backend, MODEL, FAST).run("s1")
+
+    assert final.status is SessionStatus.COMPLETED, final.reason
+    use, first, second = final.tasks
+    assert (use.action, use.layer_id) == (TaskAction.USE, warm)
+    assert (first.action, second.action) == (TaskAction.TRAIN, TaskAction.TRAIN)
+    assert (use.need, first.need, second.need) == needs and first.trait_type != second.trait_type
+    history = events(academy, "s1")
+    challenges = [e for e in history if isinstance(e, ChallengeGenerated)]
+    assert [(e.task_id, e.criteria) for e in challenges] == [("t2", (needs[1],))] * 4 + [("t3", (needs[2],))] * 4
+    # The 11 steps of the budget split over the two trainings: 6 and 5.
+    progress = [(e.task_id, e.step) for e in history if isinstance(e, TrainingProgressed)]
+    assert progress == [("t2", 5), ("t2", 6), ("t3", 5)]
+    produced = [e.layer_id for e in history if isinstance(e, LayerProduced)]
+    genome = academy.repository.load(GENOME, "g1").state
+    assert len(produced) == 2 and [r.layer_id for r in genome.layers] == [warm, *produced]

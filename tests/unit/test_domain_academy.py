@@ -29,6 +29,7 @@ from genome_service.domain.academy import (
     StartAcademySession,
     TaskAction,
     TrainingProgressed,
+    goal_needs,
 )
 from genome_service.domain.common import DomainError
 from genome_service.domain.layer import TraitType, TrainingMetrics
@@ -241,6 +242,20 @@ def test_training_seconds_add_up_across_tasks_and_never_go_back():
         "training_seconds_not_after_last"
     )
     assert run(state, RecordTrainingProgress("t1", 10, 2.0, 1e-3, seconds=9.0)).training_seconds == 9.0
+
+
+@pytest.mark.parametrize(
+    ("goal", "limit", "needs"),
+    [
+        ("Sound calm, and kind.", 3, ["Sound calm, and kind."]),
+        ("Sound calm.  Explain maths!\nBe brief; be kind.", 3, ["Sound calm.", "Explain maths!", "Be brief; be kind."]),
+        ("Sound calm. Explain maths. Be brief. Be kind.", 3, ["Sound calm.", "Explain maths.", "Be brief. Be kind."]),
+        ("Sound calm. sound calm. Be brief.", 3, ["Sound calm.", "Be brief."]),
+        ("Sound calm. Be brief.", 1, ["Sound calm. Be brief."]),
+    ],
+)
+def test_a_goal_splits_into_a_few_distinct_needs_and_loses_no_part(goal, limit, needs):
+    assert goal_needs(goal, limit) == needs
 
 
 def test_a_task_gets_one_layer_at_most():
