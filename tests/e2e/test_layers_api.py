@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Server
 from fixtures.make_adapter import make_adapter_files
@@ -143,7 +144,14 @@ def test_metrics_report_requests_latencies_appends_and_projection_lag(server: Se
     assert "genome_projection_lag_events 0.0" in text
     assert 'genome_requests_total{method="POST",path="/personas",status_code="201"} 1.0' in text
     assert 'genome_requests_total{method="GET",path="/personas",status_code="200"} 1.0' in text
-    assert "genome_request_duration_seconds_bucket" in text
+    latency = {
+        (sample.name, sample.labels.get("le"), sample.labels["method"]): sample.value
+        for family in text_string_to_metric_families(text) if family.name == "genome_request_duration_seconds"
+        for sample in family.samples if sample.labels["path"] == "/personas"
+    }
+    assert latency[("genome_request_duration_seconds_count", None, "GET")] == 1
+    assert latency[("genome_request_duration_seconds_bucket", "+Inf", "POST")] == 1
+    assert 0 < latency[("genome_request_duration_seconds_sum", None, "POST")] < 60
 
 
 def test_too_many_requests_get_429_with_retry_after(start_server) -> None:  # type: ignore[no-untyped-def]
