@@ -6,12 +6,13 @@ derived from the task and its ordinal), each score, each kept example, each chec
 training step (the trainer resumes from the newest checkpoint on disk, and a step is
 recorded only once its checkpoint is there), the layer (registered under an idempotency
 key) and the attachment. A run stops within a training step or one generation of the
-session being cancelled.
+session being cancelled, or of `stopping` being set (the session then stays running, to resume).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 import uuid
@@ -101,14 +102,20 @@ class SessionCancelled(Exception):
     """The session was cancelled while this run worked on it."""
 
 
+class RunStopped(Exception):
+    """The runner's process is shutting down: the session stays running for a worker to resume."""
+
+
 class Runner:
     """Runs sessions on one loaded model; `backend` serves the session's base model."""
 
-    def __init__(self, services: Services, backend: Backend, model_name: str, settings: RunnerSettings) -> None:
+    def __init__(self, services: Services, backend: Backend, model_name: str, settings: RunnerSettings,
+                 *, stopping: threading.Event | None = None) -> None:
         self.services = services
         self.backend = backend
         self.model_name = model_name
         self.settings = settings
+        self.stopping = stopping or threading.Event()
         self.stacks = StackResolver(services, services.models.get(model_name))
 
     # --- the session --------------------------------------------------------------------
@@ -126,7 +133,7 @@ class Runner:
                 if task.task_id not in dict(state.finished_tasks):
                     self._run_task(session_id, task)
             self._execute(session_id, ChangeSessionStatus(SessionStatus.COMPLETED))
-        except SessionCancelled:
+        except (SessionCancelled, RunStopped):
             pass
         except (DomainError, ValueError, RuntimeError) as exc:
             self._fail(session_id, f"{type(exc).__name__}: {exc}")
@@ -170,6 +177,8 @@ class Runner:
         last = [time.monotonic()]
 
         def check() -> bool:
+            if self.stopping.is_set():
+                raise RunStopped(session_id)
             now = time.monotonic()
             if now - last[0] >= self.settings.cancel_poll_seconds:
                 last[0] = now
@@ -179,6 +188,8 @@ class Runner:
         return check
 
     def _check_cancelled(self, session_id: str) -> None:
+        if self.stopping.is_set():
+            raise RunStopped(session_id)
         # The read model, not the stream: it is one indexed row, and another process's
         # cancel reaches it through that process's inline projection.
         with self.services.database.read() as connection:

@@ -13,6 +13,7 @@ lock held means its worker died).
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import logging
@@ -24,11 +25,14 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from genome_service.academy.runner import SESSIONS, Runner, RunnerSettings
+from genome_service.academy.shared_engine import SharedEngine
 from genome_service.domain.academy import AcademySession, SessionStatus
 from genome_service.services.bootstrap import Services
 
 ACTIVE = (SessionStatus.PENDING.value, SessionStatus.RUNNING.value)
 log = logging.getLogger("genome_service.academy")
+# A run checks for a stop between tokens and steps; this bounds a slow one at shutdown.
+STOP_SECONDS = 30.0
 
 
 def open_runner(services: Services) -> Runner:
@@ -91,7 +95,7 @@ class Worker:
                 yield held
 
 
-def embedded_worker(services: Services) -> EmbeddedWorker | None:
+def embedded_worker(services: Services, engine: SharedEngine) -> EmbeddedWorker | None:
     """The server's own worker, when GENOME_ACADEMY_WORKER asks for one (auto: on SQLite only).
 
     On PostgreSQL the service scales out, and training is long CPU or GPU work that belongs
@@ -100,27 +104,35 @@ def embedded_worker(services: Services) -> EmbeddedWorker | None:
     mode = services.settings.academy_worker
     if mode == "auto":
         mode = "embedded" if services.database.dialect == "sqlite" else "off"
-    return EmbeddedWorker(services) if mode == "embedded" else None
+    return EmbeddedWorker(services, engine) if mode == "embedded" else None
 
 
 class EmbeddedWorker:
-    """The server's own worker thread: started and stopped with the app."""
+    """The server's own worker thread, on the server's one inference engine: started and stopped with the app."""
 
-    def __init__(self, services: Services) -> None:
-        self._worker = Worker(services, lambda: open_runner(services))
+    def __init__(self, services: Services, engine: SharedEngine) -> None:
+        self._services = services
+        self._engine = engine
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="academy-worker", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # Called on the app's event loop, the one the engine runs on.
+        loop = asyncio.get_running_loop()
+        worker = Worker(self._services, lambda: self._engine.runner_from_thread(loop, self._stop))
+        self._thread = threading.Thread(target=self._run, args=(worker,), name="academy-worker", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        # A session in progress keeps its events and checkpoints: the next worker resumes it.
+    async def stop(self) -> None:
+        """Stop the session in progress at its next token or step (it stays running, for the
+        next start to resume) before the engine it generates with closes."""
         self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, STOP_SECONDS)
 
-    def _run(self) -> None:
+    def _run(self, worker: Worker) -> None:
         try:
-            self._worker.run(self._stop)
+            worker.run(self._stop)
         except Exception:  # noqa: BLE001 - a thread's error would vanish; log it where operators look
             log.exception("academy worker stopped")
 

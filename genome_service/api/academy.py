@@ -7,7 +7,6 @@ thread on SQLite by default: `GENOME_ACADEMY_WORKER`); this controller only appe
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -19,9 +18,8 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_201_CREATED
 
-from genome_service.academy.runner import Runner
 from genome_service.academy.sessions import start_session
-from genome_service.academy.worker import open_runner
+from genome_service.academy.shared_engine import SharedEngine
 from genome_service.api.conventions import Page, command_metadata, expected_version
 from genome_service.api.openapi import SSE, document_json_or_sse
 from genome_service.api.resources import MAX_PAGE, EventView, caller_of, event_views, page, visible_row, with_etag
@@ -73,21 +71,6 @@ class Score(msgspec.Struct, frozen=True):
     score: float  # 0..100
     rationale: str
     judge: str  # "model", or "heuristic" when the model's verdicts stayed malformed
-
-
-class AcademyModel:
-    """The model on-demand challenges and judging run on: loaded on the first such request."""
-
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self._lock = threading.Lock()
-        self._runner: Runner | None = None
-
-    def runner(self) -> Runner:
-        with self._lock:
-            if self._runner is None:
-                self._runner = open_runner(self._services)
-            return self._runner
 
 
 class Session(msgspec.Struct, frozen=True):
@@ -172,28 +155,29 @@ class AcademyController(Controller):
         session = self._session(request, services, session_id)
         return with_etag(session, session.version)
 
-    @post("/{session_id:str}/challenges", operation_id="createAcademyChallenge", status_code=HTTP_201_CREATED,
-          sync_to_thread=True)
-    def challenge(
-        self, request: Request[Any, Any, Any], services: Services, academy_model: AcademyModel, session_id: str,
+    @post("/{session_id:str}/challenges", operation_id="createAcademyChallenge", status_code=HTTP_201_CREATED)
+    async def challenge(
+        self, request: Request[Any, Any, Any], services: Services, academy_engine: SharedEngine, session_id: str,
         data: ChallengeCreate,
     ) -> ChallengeView:
         """A challenge the model writes for this session's goal, of the trait type and difficulty asked."""
-        owner = self._owned(request, services, session_id)
-        made = academy_model.runner().add_challenge(session_id, data.trait_type, data.difficulty,
-                                                    command_metadata(request, owner))
+        owner = await asyncio.to_thread(self._owned, request, services, session_id)
+        runner = await academy_engine.runner()
+        made = await asyncio.to_thread(runner.add_challenge, session_id, data.trait_type, data.difficulty,
+                                       command_metadata(request, owner))
         return ChallengeView(made.challenge_id, made.trait_type, made.difficulty, made.prompt, list(made.criteria))
 
     @post("/{session_id:str}/challenges/{challenge_id:str}/responses", operation_id="scoreAcademyResponse",
-          status_code=HTTP_201_CREATED, sync_to_thread=True)
-    def response(
-        self, request: Request[Any, Any, Any], services: Services, academy_model: AcademyModel, session_id: str,
+          status_code=HTTP_201_CREATED)
+    async def response(
+        self, request: Request[Any, Any, Any], services: Services, academy_engine: SharedEngine, session_id: str,
         challenge_id: str, data: ResponseCreate,
     ) -> Score:
         """Judge an answer to a challenge: a score 0-100 with its rationale (one response per challenge)."""
-        owner = self._owned(request, services, session_id)
-        verdict = academy_model.runner().score_response(session_id, challenge_id, data.response,
-                                                        command_metadata(request, owner))
+        owner = await asyncio.to_thread(self._owned, request, services, session_id)
+        runner = await academy_engine.runner()
+        verdict = await asyncio.to_thread(runner.score_response, session_id, challenge_id, data.response,
+                                          command_metadata(request, owner))
         return Score(challenge_id, verdict.score, verdict.rationale, verdict.judge)
 
     # The handler's media type is the stream's; the JSON answer names its own (as chat does).

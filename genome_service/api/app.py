@@ -12,6 +12,7 @@ from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
 from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
@@ -60,11 +61,12 @@ def create_app(services: Services) -> Litestar:
         if not services.keys.any_active():
             log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
 
-    worker = embedded_worker(services)
-    academy_model = academy.AcademyModel(services)
+    # The academy generates with the same engine: one copy of the model in the process.
+    academy_engine = SharedEngine(services, runtime)
+    worker = embedded_worker(services, academy_engine)
 
-    def provide_academy_model() -> academy.AcademyModel:
-        return academy_model
+    def provide_academy_engine() -> SharedEngine:
+        return academy_engine
 
     metrics = RequestMetrics(services)
     metrics.registry.register(chat.EngineCollector(runtime))
@@ -82,7 +84,7 @@ def create_app(services: Services) -> Litestar:
             layer_controller(settings.max_adapter_bytes), search.LayerSearchController, search.KnowledgeController,
             chat.ChatController, openai_compat.OpenAIController, academy.AcademyController,
         ],
-        dependencies={"academy_model": Provide(provide_academy_model, sync_to_thread=False),
+        dependencies={"academy_engine": Provide(provide_academy_engine, sync_to_thread=False),
                       "services": Provide(provide_services, sync_to_thread=False),
                       "chat": Provide(provide_chat, sync_to_thread=False)},
         middleware=middleware,

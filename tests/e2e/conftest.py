@@ -29,9 +29,10 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, url: str, env: dict[str, str]) -> None:
+    def __init__(self, url: str, env: dict[str, str], process: subprocess.Popen[str] | None = None) -> None:
         self.url = url
         self.env = env
+        self.process = process
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -61,7 +62,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         assert process.stderr is not None
         for line in process.stderr:  # uvicorn says when it accepts connections
             if "Uvicorn running on" in line:
-                return Server(f"http://127.0.0.1:{port}", env)
+                return Server(f"http://127.0.0.1:{port}", env, process)
         pytest.fail(f"server exited with {process.wait()}")
 
     yield start

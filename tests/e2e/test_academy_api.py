@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +111,39 @@ def test_cancel_stops_a_running_session_and_no_layer_is_registered(owners) -> No
     assert again.status_code == 409 and again.json()["rule"] == "session_finished"
     assert alice.get(path).json()["layer_ids"] == []
     assert alice.get("/layers/").json()["items"] == []
+
+
+def test_a_server_stopped_mid_session_leaves_it_to_the_next_start_which_resumes_it(
+    start_server: Callable[..., Server], tiny_model: Path
+) -> None:
+    first = start_server(**WORKER)
+    assert first.cli("model", "register", MODEL, str(tiny_model)).returncode == 0
+    client = first.client()
+    session = client.post("/academy/sessions/", json={"persona_id": persona_on_tiny_model(client),
+                                                      "goal": "Sound calm.", "budget_steps": 100_000}).json()
+    path = f"/academy/sessions/{session['id']}"
+    with client.stream("GET", f"{path}/events", headers={"Accept": "text/event-stream"}, timeout=300) as stream:
+        for line in stream.iter_lines():
+            if line == "event: TrainingProgressed":
+                break
+    assert first.process is not None
+    first.process.terminate()  # a graceful shutdown: the worker stops before the engine closes
+    # uvicorn shuts down, then raises the signal again for its default action.
+    assert first.process.wait(timeout=60) in (0, -signal.SIGTERM)
+
+    second = start_server(**WORKER)
+    client = second.client()
+    assert client.get(path).json()["status"] == "running"
+    step = client.get(path).json()["step"]
+    with client.stream("GET", f"{path}/events", headers={"Accept": "text/event-stream"}, timeout=300) as stream:
+        for line in stream.iter_lines():  # history first, then the resumed run's steps
+            if line.startswith("data:") and '"TrainingProgressed"' in line and json.loads(line[5:])["data"]["step"] > step:
+                break
+    assert client.post(f"{path}/cancel").json()["status"] == "cancelled"
+    history = client.get(f"{path}/events").json()
+    assert [e["data"]["status"] for e in history if e["type"] == "SessionStatusChanged"] == ["running", "cancelled"]
+    steps = [e["data"]["step"] for e in history if e["type"] == "TrainingProgressed"]
+    assert steps == sorted(set(steps))
 
 
 @pytest.mark.parametrize(
