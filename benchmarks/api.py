@@ -565,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         "floor_rps": round(fl["rps"], 1),
         "get_ratio": round(get["rps"] / fl["rps"], 3),
         "get_p95_ms": get["latency_ms"]["p95"],
+        # Server CPU per request, measured by the asyncio runs: on a shared machine a busy
+        # neighbour slows both servers' wall clocks unevenly, their CPU per request much less.
+        "get_server_cpu_us": results["get_genome"]["server_cpu_us_per_request"],
+        "floor_server_cpu_us": results["floor"]["server_cpu_us_per_request"],
+        "cpu_ratio": round(results["floor"]["server_cpu_us_per_request"]
+                           / results["get_genome"]["server_cpu_us_per_request"], 3),
         "attach_layer_p95_ms": results["writes"]["attach"]["latency_ms"]["p95"],
         "detach_layer_p95_ms": results["writes"]["detach"]["latency_ms"]["p95"],
         "list_genomes_p95_ms": results["list_genomes"]["latency_ms"]["p95"],
