@@ -57,6 +57,7 @@ from genome_service.services.stacks import StackResolver
 from genome_service.settings import Settings
 from inference.backends.base import Backend, ChatMessage, Sampling, never_cancelled
 from inference.training import Example, TrainingConfig, data_sha256, train_lora
+from inference.training_mlx import train_lora_mlx
 
 SESSIONS = AcademySessionRow.__table__  # type: ignore[attr-defined]
 PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
@@ -366,7 +367,9 @@ class Runner:
                 loss, rate = marks[step]
                 self._execute(session_id, RecordTrainingProgress(task.task_id, step, loss, rate, round(seconds(), 3)))
 
-        result = train_lora(
+        # Trained where it runs: mlx-lm's tuner on an mlx backend, PEFT on torch otherwise.
+        trainer = train_lora_mlx if self.backend.name == "mlx" else train_lora
+        result = trainer(
             self.services.models.folder(self.model_name),
             examples,
             config,

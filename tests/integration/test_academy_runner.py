@@ -34,7 +34,7 @@ from genome_service.domain.persona import PERSONA, AssignGenome, CreatePersona, 
 from genome_service.eventstore.database import Database
 from genome_service.eventstore.records import EventMetadata
 from genome_service.services.bootstrap import Services, build
-from genome_service.services.layers import LayerDetails, register_layer
+from genome_service.services.layers import LayerDetails, adapter_manifest, register_layer
 from genome_service.services.stacks import StackResolver
 from genome_service.settings import Settings
 from inference.backends.base import ChatMessage
@@ -208,3 +208,27 @@ def test_a_goal_of_several_needs_plans_one_task_each_and_they_share_the_step_bud
     produced = [e.layer_id for e in history if isinstance(e, LayerProduced)]
     genome = academy.repository.load(GENOME, "g1").state
     assert len(produced) == 2 and [r.layer_id for r in genome.layers] == [warm, *produced]
+
+
+def test_a_session_on_the_mlx_backend_trains_with_mlx_lm_and_registers_an_mlx_lm_adapter(
+    academy: Services, tiny_model: Path
+) -> None:
+    pytest.importorskip("mlx_lm")
+    from inference.backends.mlx import MlxBackend
+
+    mlx = MlxBackend(tiny_model)
+    start(academy, "s1", steps=10)
+
+    final = Runner(academy, mlx, MODEL, FAST).run("s1")
+
+    assert final.status is SessionStatus.COMPLETED, final.reason
+    progress = [e for e in events(academy, "s1") if isinstance(e, TrainingProgressed)]
+    assert [e.step for e in progress] == [5, 10] and progress[-1].loss < progress[0].loss
+    [layer_id] = [layer for _, layer in final.finished_tasks]
+    adapter = StackResolver(academy, academy.models.get(MODEL)).load_adapter(layer_id)
+    layer = academy.repository.load(LAYER, layer_id).state
+    assert layer is not None and set(adapter_manifest(academy, layer.adapter_sha256).files) == {
+        "adapters.safetensors", "adapter_config.json"}  # mlx-lm's layout
+    ids = mlx.encode_chat([ChatMessage("user", "How are you?")])
+    stack = assemble([(layer_id, 1.0, adapter.canonical, adapter.scale)])
+    assert not np.allclose(mlx.logits(ids, None), mlx.logits(ids, stack), atol=1e-3)
