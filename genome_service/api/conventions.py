@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 from litestar import Request
+from litestar.datastructures import UploadFile
 from litestar.exceptions import ClientException
+from litestar.types import Empty
+from litestar.utils.scope.state import ScopeState
 
 from genome_service.eventstore.records import EventMetadata
 
@@ -41,7 +45,39 @@ def command_metadata(request: Request[Any, Any, Any], owner: str) -> EventMetada
         actor=owner,
         correlation_id=correlation[:200] if correlation else None,
         idempotency_key=f"{owner}:{request.route_handler.operation_id}:{key}" if key is not None else None,
+        request_fingerprint=request_fingerprint(request) if key is not None else None,
     )
+
+
+def request_fingerprint(request: Request[Any, Any, Any]) -> str:
+    """SHA-256 of the method, path, query and body, as the handler received them.
+
+    Handlers run once their body is read (JSON) or parsed (multipart), so this reads
+    what Litestar kept: the bytes, or the form's text parts and files.
+    """
+    digest = hashlib.sha256(f"{request.method} {request.url.path}?{request.scope['query_string'].decode('latin-1')}\n".encode())
+    state = ScopeState.from_scope(request.scope)
+    if state.body is not Empty:
+        digest.update(state.body)
+    elif state.form is not Empty:
+        for name, value in sorted(state.form.items()):
+            for part in value if isinstance(value, list) else [value]:
+                digest.update(f"\n{name}\n".encode())
+                if isinstance(part, UploadFile):
+                    digest.update(f"{part.filename}\n".encode())
+                    _update_from_file(digest, part.file)
+                else:
+                    digest.update(str(part).encode())
+    return digest.hexdigest()
+
+
+def _update_from_file(digest: Any, file: BinaryIO) -> None:
+    # The handler may still read this file: leave it where it was.
+    at = file.tell()
+    file.seek(0)
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+        digest.update(chunk)
+    file.seek(at)
 
 
 class Cursor(msgspec.Struct, array_like=True, frozen=True):

@@ -30,6 +30,7 @@ from genome_service.chat.turn import ChatRefused
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.data_keys import SubjectErased
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
+from genome_service.services.handler import IdempotencyKeyMismatch
 from genome_service.services.search import SearchRefused
 from inference.lora.adapter import AdapterRejected
 from inference.models import UnknownModel
@@ -97,6 +98,7 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
                 HTTPException: _http,
                 DomainError: _domain,
                 IdempotencyKeyReused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_reused", str(e)),
+                IdempotencyKeyMismatch: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_mismatch", str(e)),
                 AdapterRejected: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.reason, str(e)),
                 UnknownModel: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "unknown_base_model", str(e)),
                 SearchRefused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),

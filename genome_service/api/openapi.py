@@ -77,7 +77,7 @@ def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.S
             if method in ("put", "patch", "delete"):
                 parameters.append(_header("If-Match", 'Apply only if the resource is still at this version (an ETag, e.g. "3"); else 412.'))
             if method == "post":
-                parameters.append(_header("Idempotency-Key", "A retry with the same key answers with the first response and changes nothing."))
+                parameters.append(_header("Idempotency-Key", "A retry with the same key answers with the first response and changes nothing; the same key with another method, path, query or body gets 422."))
             operation.parameters = parameters
 
 

@@ -28,6 +28,8 @@ class EventMetadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tru
     correlation_id: str | None = None
     causation_id: str | None = None
     idempotency_key: str | None = None
+    # SHA-256 of the request an idempotency key was first used for: a retry must repeat it.
+    request_fingerprint: str | None = None
 
 
 NO_METADATA = EventMetadata()

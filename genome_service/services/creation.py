@@ -10,7 +10,7 @@ from genome_service.domain.common import Decider
 from genome_service.eventstore.errors import IdempotencyKeyReused
 from genome_service.eventstore.records import EventMetadata
 from genome_service.services.bootstrap import Services
-from genome_service.services.handler import Outcome
+from genome_service.services.handler import Outcome, ensure_same_request
 
 S = TypeVar("S")
 
@@ -32,6 +32,7 @@ def create_stream(
         if key is not None and (prior := services.store.find_idempotent(key)) is not None:
             if prior.events[0].stream_type != decider.stream_type:
                 raise IdempotencyKeyReused(key, f"a new {decider.stream_type}", prior.stream_id)
+            ensure_same_request(prior.events[0], metadata)
             aggregate = services.repository.load(decider, prior.stream_id, to_version=prior.events[-1].version)
             return Outcome(aggregate, prior.events, replayed=True)
         stream_id = new_id()

@@ -20,6 +20,24 @@ from genome_service.projections.projector import Projector
 S = TypeVar("S")
 
 
+class IdempotencyKeyMismatch(Exception):
+    """An idempotency key came back with another request than the one it was first used for."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this Idempotency-Key was first used with a different request (method, path, query or body); "
+            "repeat that request exactly to get its answer again, or send a new key"
+        )
+
+
+def ensure_same_request(first: RecordedEvent, metadata: EventMetadata) -> None:
+    """A retry replays the first answer only if it repeats the first request; appends
+    recorded before fingerprints existed, and callers that send none, are taken on trust."""
+    fingerprint = first.metadata.request_fingerprint
+    if fingerprint is not None and metadata.request_fingerprint is not None and fingerprint != metadata.request_fingerprint:
+        raise IdempotencyKeyMismatch()
+
+
 class Outcome(msgspec.Struct, Generic[S], frozen=True):
     aggregate: Aggregate[S]
     events: tuple[RecordedEvent, ...] = ()
@@ -52,7 +70,7 @@ class CommandHandler:
         if metadata.idempotency_key is not None:
             prior = self.store.find_idempotent(metadata.idempotency_key)
             if prior is not None:
-                return self._replayed(decider, stream_id, prior.stream_id, prior.events, metadata.idempotency_key)
+                return self._replayed(decider, stream_id, prior.stream_id, prior.events, metadata)
         attempts = 1 if expected_version is not None else 1 + self.conflict_retries
         for attempt in range(attempts):
             try:
@@ -82,7 +100,7 @@ class CommandHandler:
                 current.version or Expect.NO_STREAM, metadata,
             )
             if result.replayed:
-                return self._replayed(decider, stream_id, result.stream_id, result.events, metadata.idempotency_key)
+                return self._replayed(decider, stream_id, result.stream_id, result.events, metadata)
             updated = current.extend(decider, result.events)
             if self.projector is not None:
                 self.projector.apply_inline(connection, result, updated)
@@ -91,9 +109,10 @@ class CommandHandler:
 
     def _replayed(
         self, decider: Decider[Any, Any, S], stream_id: str, prior_stream: str,
-        events: tuple[RecordedEvent, ...], key: str | None,
+        events: tuple[RecordedEvent, ...], metadata: EventMetadata,
     ) -> Outcome[S]:
         if prior_stream != stream_id:
-            raise IdempotencyKeyReused(key or "", stream_id, prior_stream)
+            raise IdempotencyKeyReused(metadata.idempotency_key or "", stream_id, prior_stream)
+        ensure_same_request(events[0], metadata)
         # Answer as the first time: the stream as that append left it.
         return Outcome(self.repository.load(decider, stream_id, to_version=events[-1].version), events, replayed=True)

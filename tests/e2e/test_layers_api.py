@@ -179,6 +179,35 @@ def test_an_idempotent_attach_retry_answers_as_the_first_time_and_appends_nothin
         ]
 
 
+def test_an_attach_retry_with_another_body_or_path_gets_422_and_appends_nothing(server: Server) -> None:
+    with server.client() as client:
+        layer = upload(client, make_adapter_files("peft", seed=0)).json()["id"]
+        persona_id = create_persona(client)["id"]
+        genomes = [create_genome(client, persona_id, name=f"g{n}")["id"] for n in range(2)]
+        first = client.post(f"/genomes/{genomes[0]}/layers", json={"layer_id": layer, "weight": 0.4}, headers={"Idempotency-Key": "a"})
+        assert first.status_code == 200
+        heavier = client.post(f"/genomes/{genomes[0]}/layers", json={"layer_id": layer, "weight": 0.9}, headers={"Idempotency-Key": "a"})
+        assert heavier.status_code == 422 and heavier.json()["rule"] == "idempotency_key_mismatch"
+        elsewhere = client.post(f"/genomes/{genomes[1]}/layers", json={"layer_id": layer, "weight": 0.4}, headers={"Idempotency-Key": "a"})
+        assert elsewhere.status_code == 422
+        assert [len(client.get(f"/genomes/{g}/events").json()) for g in genomes] == [2, 1]
+        assert client.get(f"/genomes/{genomes[0]}").json()["layers"][0]["weight"] == 0.4
+
+
+def test_an_upload_retry_must_send_the_same_files(server: Server) -> None:
+    with server.client() as client:
+        files = make_adapter_files("peft", seed=1)
+        key = {"Idempotency-Key": "upload-1"}
+        first = client.post("/layers", files=[("files", (n, d)) for n, d in files.items()], data={"metadata": metadata()}, headers=key)
+        assert first.status_code == 201, first.text
+        retry = client.post("/layers", files=[("files", (n, d)) for n, d in files.items()], data={"metadata": metadata()}, headers=key)
+        assert retry.status_code == 201 and retry.json() == first.json()
+        other = make_adapter_files("peft", seed=2)
+        changed = client.post("/layers", files=[("files", (n, d)) for n, d in other.items()], data={"metadata": metadata()}, headers=key)
+        assert changed.status_code == 422 and changed.json()["rule"] == "idempotency_key_mismatch"
+        assert [layer["id"] for layer in client.get("/layers").json()["items"]] == [first.json()["id"]]
+
+
 def test_concurrent_writers_each_land_once_and_stale_if_match_writers_get_412(server: Server) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

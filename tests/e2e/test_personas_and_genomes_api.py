@@ -58,6 +58,25 @@ def test_an_idempotent_retry_returns_the_first_response_and_appends_nothing(serv
         assert len(client.get("/personas").json()["items"]) == 1
 
 
+def test_an_idempotency_key_sent_again_with_another_body_gets_422_and_appends_nothing(server: Server) -> None:
+    with server.client() as client:
+        first = client.post("/personas", json={"name": "Ada"}, headers={"Idempotency-Key": "create-1"})
+        other = client.post("/personas", json={"name": "Bob"}, headers={"Idempotency-Key": "create-1"})
+        assert other.status_code == 422 and other.headers["content-type"] == PROBLEM
+        assert other.json()["rule"] == "idempotency_key_mismatch" and "Idempotency-Key" in other.json()["detail"]
+        assert [p["name"] for p in client.get("/personas").json()["items"]] == ["Ada"]
+        retry = client.post("/personas", json={"name": "Ada"}, headers={"Idempotency-Key": "create-1"})
+        assert retry.status_code == 201 and retry.json() == first.json()
+
+        genome = create_genome(client, first.json()["id"])
+        fork = f"/genomes/{genome['id']}/fork"
+        forked = client.post(fork, json={"name": "child"}, headers={"Idempotency-Key": "fork-1"})
+        assert forked.status_code == 201
+        assert client.post(fork, json={"name": "other child"}, headers={"Idempotency-Key": "fork-1"}).status_code == 422
+        assert client.post(fork, json={"name": "child"}, headers={"Idempotency-Key": "fork-1"}).json() == forked.json()
+        assert len(client.get("/genomes").json()["items"]) == 2
+
+
 def test_genome_time_travel_equals_the_state_at_that_version(server: Server) -> None:
     with server.client() as client:
         persona = create_persona(client)
