@@ -257,6 +257,17 @@ class VectorIndex:
             self._rebuild(hnsw=len(self._slot_of) >= self.config.exact_below // 2)
         return True
 
+    def purge(self, where: Filter) -> int:
+        """Remove every entry ``where`` admits and leave no trace of them: an HNSW graph is
+        rebuilt at once instead of keeping them as tombstones (erased data must not stay in
+        a saved file). Returns how many were removed."""
+        keys = self.keys_where(where)
+        for key in keys:
+            self._drop(key)
+        if keys and self.hnsw:
+            self._rebuild(hnsw=len(self._slot_of) >= self.config.exact_below // 2)
+        return len(keys)
+
     def _append(self, key: str, unit: np.ndarray, attributes: Mapping[str, str], tags: tuple[str, ...]) -> None:
         slot = len(self._keys)
         self._keys.append(key)

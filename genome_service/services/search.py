@@ -216,9 +216,7 @@ class SearchIndexes:
         vectors = dict(zip(texts, self.embedder.embed(texts), strict=True)) if texts else {}
         for op in operations:
             if not op.key:
-                where = Filter({name: frozenset({value}) for name, value in op.attributes.items()})
-                for key in op.index.keys_where(where):
-                    op.index.remove(key)
+                op.index.purge(Filter({name: frozenset({value}) for name, value in op.attributes.items()}))
             elif op.text is None and op.vector is None:
                 op.index.remove(op.key)
             else:
