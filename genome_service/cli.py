@@ -144,6 +144,7 @@ def serve(
     os.environ.update({
         "GENOME_DATABASE_URL": settings.resolved_database_url,
         "GENOME_DATA_DIR": str(settings.data_dir),
+        "GENOME_HOST": settings.host,  # the app refuses keyless requests off loopback
     })
     context.say(f"genome-service on http://{settings.host}:{settings.port} ({_safe(settings.resolved_database_url)})")
     uvicorn.run(

@@ -15,7 +15,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
 from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
-from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, presented_key
+from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
@@ -59,7 +59,10 @@ def create_app(services: Services) -> Litestar:
         if applied:
             log.info("read models caught up on %d events", applied)
         if not services.keys.any_active():
-            log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
+            if is_loopback(settings.host):
+                log.warning("no API keys exist: the API is open to anyone who can reach %s", settings.host)
+            else:
+                log.warning("no API key is active: requests are refused until one is created")
 
     # The academy generates with the same engine: one copy of the model in the process.
     academy_engine = SharedEngine(services, runtime)
@@ -70,7 +73,7 @@ def create_app(services: Services) -> Litestar:
 
     metrics = RequestMetrics(services)
     metrics.registry.register(chat.EngineCollector(runtime))
-    middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys)]
+    middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys, open_allowed=is_loopback(settings.host))]
     if settings.rate_limit_per_minute:
         limit = RateLimitConfig(
             rate_limit=("minute", settings.rate_limit_per_minute),

@@ -1,8 +1,9 @@
 """API-key authentication: every request acts as one owner.
 
 Keys travel as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. While no
-key exists the server is open, acting as owner ``local``; the CLI refuses to
-bind anything but loopback in that state (see ``open_mode_is_safe``).
+key exists a server on loopback is open, acting as owner ``local``; the CLI refuses
+to bind anything else in that state (see ``open_mode_is_safe``), and a server bound
+elsewhere whose keys were all revoked refuses keyless requests rather than open up.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class ApiKeyAuthentication:
     """Sets ``scope["user"]`` to the calling ``Caller``; a plain ASGI middleware that
     reads the raw headers, since it runs on every request."""
 
-    def __init__(self, app: ASGIApp, keys: KeyStore) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyStore, open_allowed: bool) -> None:
         self.app = app
         self.keys = keys
+        self.open_allowed = open_allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIXES):
@@ -45,7 +47,7 @@ class ApiKeyAuthentication:
 
     def _caller(self, key: str | None) -> tuple[Caller, str | None]:
         if key is None:
-            if self.keys.any_active():
+            if not self.open_allowed or self.keys.any_active():
                 raise NotAuthorizedException("an API key is required: send Authorization: Bearer <key>")
             return Caller(OPEN_OWNER), None
         owner = self.keys.owner_of(key)
