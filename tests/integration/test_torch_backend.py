@@ -14,7 +14,7 @@ from fixtures.make_adapter import random_canonical
 from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.backends.base import StackMismatch
-from inference.backends.torch import TorchBackend
+from inference.backends.torch import TorchBackend, can_pack
 from inference.engine import Engine
 from inference.guards import RepetitionRule
 from inference.lora.adapter import Canonical, mlx_files, parse_adapter, peft_files, to_canonical
@@ -117,6 +117,21 @@ def test_logits_without_a_stack_are_plain_transformers(backend: TorchBackend, ti
         expected = plain_model(tiny_model)(torch.tensor([prompt])).logits[0].numpy()
     np.testing.assert_array_equal(backend.logits(prompt, None), expected)
 
+
+def test_on_cpu_a_stack_runs_every_linear_layer_on_packed_weights_and_the_base_none(
+    backend: TorchBackend, tiny_model: Path, prompt: list[int]
+) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    def packed_matmuls(stack: LoraStack | None) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as run:
+            backend.logits(prompt, stack)
+        return sum(event.count for event in run.key_averages() if event.key == "mkldnn::_linear_pointwise")
+
+    assert can_pack("cpu", torch.float32)
+    # Seven projections per block and the output head; the stack touches only some of them.
+    assert packed_matmuls(assemble(three_layers(tiny_model))) == 7 * tiny_spec(tiny_model).num_hidden_layers + 1
+    assert packed_matmuls(None) == 0
 
 def test_peft_and_mlx_layouts_of_one_adapter_give_what_peft_computes(
     backend: TorchBackend, tiny_model: Path, prompt: list[int], tmp_path: Path
