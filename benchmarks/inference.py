@@ -246,11 +246,15 @@ def _cold_load_ms(layers: Layers, backend: Any) -> dict[str, float]:
 # --- mlx ----------------------------------------------------------------------------------
 
 
-def bench_mlx(folder: Path, layers: Layers, engine: Engine, runs: int, tokens: int) -> dict[str, Any]:
+def bench_mlx(folder: Path, layers: Layers, runs: int, tokens: int) -> dict[str, Any]:
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    backend = engine.backend
+    from inference.backends.mlx import MlxBackend
+
+    # Prompt reuse off, as for torch: both sides compute the prompt each run.
+    backend = MlxBackend(folder, prompt_cache_bytes=0)
+    engine = engine_for(backend)
     model, tokenizer = mlx_lm.load(str(folder))
     prompt = backend.encode_chat(PROMPT)
     greedy = make_sampler(temp=0.0)
@@ -268,6 +272,7 @@ def bench_mlx(folder: Path, layers: Layers, engine: Engine, runs: int, tokens: i
         base.append(ours(engine, None, tokens))
         plain_rates.append(theirs(base[-1]["tokens"]))
         harness.log(f"mlx run {run + 1}/{runs}: ours {base[-1]['tokens_per_s']:.1f} tok/s, plain {plain_rates[-1]:.1f}")
+    asyncio.run_coroutine_threadsafe(engine.close(), LOOP).result()
     return {
         "ours_tokens_per_s": [r["tokens_per_s"] for r in base],
         "plain_stream_generate_tokens_per_s": plain_rates,
@@ -394,8 +399,8 @@ def main() -> int:
         except ImportError as error:
             results["mlx"] = {"unavailable": str(error)}
         else:
-            engines["mlx"] = engine_for(MlxBackend(folder))
-            results["mlx"] = bench_mlx(folder, layers, engines["mlx"], runs, args.tokens)
+            results["mlx"] = bench_mlx(folder, layers, runs, args.tokens)
+            engines["mlx"] = engine_for(MlxBackend(folder))  # as served: prefix reuse on
             results["switch"] = bench_switch(folder, layers, engines, server_rounds)
         for engine in engines.values():
             asyncio.run_coroutine_threadsafe(engine.close(), LOOP).result()

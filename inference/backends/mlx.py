@@ -8,6 +8,10 @@ with the stack's rank-concatenated factors (see `inference.lora.stack`). A stack
 into mx arrays once and cached by `stack.key`; switching persona only re-points module
 attributes, so the base model is never reloaded. With no stack the original `nn.Linear`s
 are put back, and the model is exactly the one `mlx_lm.generate` runs.
+
+A request's keys and values are kept per stack after it ends (mlx-lm's `LRUPromptCache`,
+the one mlx_lm.server uses, with the stack's key as its model name): the next prompt
+under that stack computes only what its beginning does not share with them.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import msgspec
 import numpy as np
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 from mlx_lm.utils import load
 
@@ -37,6 +43,7 @@ Factors = dict[str, tuple[mx.array, mx.array]]  # "layers.{i}.{module}" -> (A_ca
 # What the sampler returns for non-finite logits. Still a valid index (mlx wraps negative
 # indices), because generate_step feeds it to the model once before we see it.
 NONFINITE = -1
+BASE = ""  # the prompt cache's name for the model without a stack
 
 
 class LoraLinear(nn.Module):
@@ -68,6 +75,7 @@ class MlxBackend:
         model_path: Path,
         *,
         stack_cache_size: int = 8,
+        prompt_cache_bytes: int = 268_435_456,
         repetition: RepetitionRule | None = None,
     ) -> None:
         path = Path(model_path)
@@ -93,6 +101,10 @@ class MlxBackend:
         self._lock = threading.Lock()
         # Requests arrive on several threads; the stack cache is shared (not held while decoding).
         self._cache_lock = threading.Lock()
+        # One entry per stack is what a chat needs (its next turn repeats the last prompt).
+        self._prompts = LRUPromptCache(max_size=stack_cache_size, max_bytes=prompt_cache_bytes)
+        self._prompts_lock = threading.Lock()
+        self.reused_tokens = 0  # prompt tokens not computed again, over all requests
 
     @property
     def loads(self) -> int:
@@ -108,7 +120,7 @@ class MlxBackend:
         """Yield Tokens, then one Finish; a bad stack or empty chat raises here, before any token."""
         factors = self._factors(stack)
         prompt = self.encode_chat(messages)
-        return self._stream(prompt, factors, sampling, cancelled)
+        return self._stream(prompt, stack.key if stack is not None else BASE, factors, sampling, cancelled)
 
     def logits(self, token_ids: Sequence[int], stack: LoraStack | None) -> np.ndarray:
         factors = self._factors(stack)
@@ -120,15 +132,17 @@ class MlxBackend:
         return np.array(out)
 
     def _stream(
-        self, prompt: list[int], factors: Factors, sampling: Sampling, cancelled: Callable[[], bool]
+        self, prompt: list[int], key: str, factors: Factors, sampling: Sampling, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
         guard = Guard(sampling, self._decode, self._tokenizer.eos_token_ids, len(prompt), self._repetition)
         if (overflow := guard.over_context(self._context)) is not None:
             yield overflow
             return
+        cache, rest = self._restore(key, prompt)
         steps = generate_step(
-            mx.array(prompt), self._model, max_tokens=sampling.max_tokens, sampler=_sampler(sampling)
+            mx.array(rest), self._model, max_tokens=sampling.max_tokens, sampler=_sampler(sampling), prompt_cache=cache
         )
+        fed = list(prompt)  # the ids whose keys and values the cache holds, once they are computed
         while True:
             if cancelled():
                 yield guard.cancel()
@@ -140,11 +154,31 @@ class MlxBackend:
             if token_id == NONFINITE:
                 yield guard.nonfinite()
                 return
+            fed.append(token_id)
             tokens, finish = guard.push(token_id)
             yield from tokens
             if finish is not None:
+                self._store(key, fed, cache)
                 yield finish
                 return
+
+    def _restore(self, key: str, prompt: list[int]) -> tuple[list[Any], list[int]]:
+        """A cache holding the longest reusable beginning of `prompt` under `key`, and the ids still to compute."""
+        with self._prompts_lock:
+            cache, rest = self._prompts.fetch_nearest_cache(key, prompt)
+        if cache is None:
+            return make_prompt_cache(self._model), prompt
+        if not rest:  # the whole prompt was cached: its last token runs again for the first answer token
+            if trim_prompt_cache(cache, 1) != 1:
+                return make_prompt_cache(self._model), prompt
+            rest = prompt[-1:]
+        self.reused_tokens += len(prompt) - len(rest)
+        return cache, rest
+
+    def _store(self, key: str, fed: list[int], cache: list[Any]) -> None:
+        # generate_step has already queued the step of the last token, so the cache may hold it.
+        with self._prompts_lock:
+            self._prompts.insert_cache(key, fed[: cache[0].offset], cache)
 
     # --- helpers the engine, CLI and benchmark share (as on the torch backend) -------------
 

@@ -182,6 +182,23 @@ def test_a_worker_thread_generates_what_the_loading_thread_does(backend: MlxBack
         assert worker.submit(answer).result() == answer()
 
 
+def test_a_prompt_that_repeats_the_last_ones_beginning_reuses_its_keys_and_values_exactly(tiny_model: Path) -> None:
+    system = ChatMessage("system", "You are a helpful assistant. Answer the question briefly and truthfully.")
+    chats = [[system, ChatMessage("user", question)] for question in ("Hello!", "What is the capital of Italy?")]
+    stack = assemble(scaled(three_layers(tiny_model), 10.0))
+    cached = MlxBackend(tiny_model)
+    uncached = MlxBackend(tiny_model, prompt_cache_bytes=0)
+    sampling = Sampling(max_tokens=10)
+
+    def answer(backend: MlxBackend, chat: list[ChatMessage], layers: LoraStack | None) -> list[Token | Finish]:
+        return list(backend.generate(chat, layers, sampling))
+
+    for chat, layers in [(chats[0], stack), (chats[1], stack), (chats[1], None), (chats[0], None), (chats[0], stack)]:
+        assert answer(cached, chat, layers) == answer(uncached, chat, layers)
+    # The second chat under the stack reuses the shared system turn; the last repeats a whole prompt.
+    assert cached.reused_tokens >= 2 * len(cached.encode_chat([system]))
+    assert uncached.reused_tokens == 0
+
 def test_a_seed_fixes_sampled_tokens_and_another_seed_changes_them(backend: MlxBackend) -> None:
     def sample(seed: int, top_p: float = 1.0) -> list[int]:
         sampling = Sampling(temperature=1.0, top_p=top_p, seed=seed, max_tokens=30)
