@@ -48,6 +48,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The openai backend's server, e.g. http://127.0.0.1:8080/v1 (vLLM, mlx_lm.server, Ollama).
     openai_base_url: str = ""
     openai_api_key: str = ""
+    # The base model's name on that server, which it fixes at start: mlx_lm.server's `--model`
+    # path (a per-request adapter is applied only then), vLLM's `--served-model-name` or model
+    # id. Empty: inference_model, which must then be what the server calls it.
+    openai_model: str = ""
     # How the server takes a LoRA stack: vLLM's load_lora_adapter, or mlx_lm.server's per-request folder.
     openai_adapter_protocol: Literal["vllm", "mlx-lm"] = "vllm"
     # Stacks are written there as adapter folders (PEFT for vLLM, mlx-lm otherwise); the server

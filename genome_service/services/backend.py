@@ -19,7 +19,7 @@ def open_configured_backend(settings: Settings, catalog: ModelCatalog) -> tuple[
     name = settings.inference_backend if settings.inference_backend != "auto" else detect_backend()
     folder = None if name == "openai" else catalog.folder(settings.inference_model)
     backend = open_backend(
-        name, folder=folder, model=settings.inference_model, device=settings.inference_device,
+        name, folder=folder, model=settings.openai_model or settings.inference_model, device=settings.inference_device,
         stack_cache_size=settings.stack_cache_size, base_url=settings.openai_base_url,
         api_key=settings.openai_api_key, adapter_protocol=settings.openai_adapter_protocol,
         adapters_dir=settings.resolved_openai_adapters_dir,

@@ -140,6 +140,28 @@ def test_a_stack_is_served_as_an_adapter_and_answers_like_the_local_stack(
     assert sorted(p.name for p in (tmp_path / "mlx-lm").iterdir()) == [stack.key]
 
 
+def test_the_configured_backend_asks_for_the_servers_own_model_name(
+    server_url: str, tiny_model: Path, local: MlxBackend, tmp_path: Path
+) -> None:
+    from genome_service.services.backend import open_configured_backend
+    from genome_service.settings import Settings
+    from inference.models import ModelCatalog
+
+    def configured(**model: str):  # type: ignore[no-untyped-def]
+        settings = Settings(
+            data_dir=tmp_path, inference_backend="openai", openai_base_url=server_url,
+            openai_adapter_protocol="mlx-lm", **model,
+        )  # fmt: skip
+        return open_configured_backend(settings, ModelCatalog(settings.resolved_models_dir))[0]
+
+    # The catalog's name (GENOME_INFERENCE_MODEL) is not one mlx_lm.server knows.
+    with pytest.raises(ServerRefused, match="HTTP 404"):
+        configured().generate(QUESTION, None, Sampling(max_tokens=4))
+    stack, sampling = a_stack(tiny_model), Sampling(max_tokens=12)
+    served, _ = text_and_finish(configured(openai_model=str(tiny_model)).generate(QUESTION, stack, sampling))
+    expected, _ = text_and_finish(local.generate(QUESTION, stack, sampling))
+    assert same_answer(served, expected)
+
 def test_stop_strings_end_the_answer_and_are_never_emitted(server_url: str, tiny_model: Path, tmp_path: Path) -> None:
     backend = remote(server_url, tiny_model, tmp_path)
     full, _ = text_and_finish(backend.generate(QUESTION, None, Sampling(max_tokens=20)))
