@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/api.py [--quick] [--clients 32] [--write-clients 4]
                                        [--loadgen {auto,asyncio,wrk}]
 
-Two servers, each its own process, started one at a time on loopback with the same
+Two servers, each its own process, on loopback with the same
 ASGI server and options (uvicorn, 1 worker, log level warning, its defaults otherwise):
 
 - ours: ``python -m genome_service.cli serve --port P`` on a fresh SQLite database in a
@@ -25,6 +25,10 @@ Workloads (each after a warm-up; every response's status is checked, errors coun
   Fewer clients than for reads: SQLite takes one writer at a time (our Database keeps
   one write connection behind a lock), so 32 writers would mostly measure the queue.
   Also run with a single client, for the write's own service time.
+- interleaved: with a floor started beside ours, rounds of a burst of GET genome on ours
+  then a burst of ``GET /`` on the floor; ``interleaved_get_ratio`` is the median of the
+  rounds' rps ratios (``interleaved_cpu_ratio`` of their server CPU per request). A
+  neighbour's load on a shared machine then falls on both sides of each round alike.
 
 The load generator (asyncio): raw ``asyncio`` streams writing pre-built HTTP/1.1
 requests and parsing only the status line and Content-Length, so it stays light on a
@@ -83,14 +87,15 @@ class Scale:
     serial_write_cycles: int  # with one client
     write_warmup: int  # cycles per write client before measuring
     wrk_seconds: float
+    interleaved_rounds: int  # bursts of `requests // 2` on ours then on the floor, both servers up
     layers: int
     stack_layers: int  # attached to every genome at the start
 
 
 QUICK = Scale(requests=4000, list_requests=1000, runs=3, warmup=500, write_cycles=400, serial_write_cycles=150,
-              write_warmup=5, wrk_seconds=3.0, layers=20, stack_layers=3)
+              write_warmup=5, wrk_seconds=3.0, interleaved_rounds=8, layers=20, stack_layers=3)
 FULL = Scale(requests=20_000, list_requests=4000, runs=3, warmup=2000, write_cycles=2000, serial_write_cycles=600,
-             write_warmup=20, wrk_seconds=10.0, layers=20, stack_layers=3)
+             write_warmup=20, wrk_seconds=10.0, interleaved_rounds=12, layers=20, stack_layers=3)
 
 
 # ---------------------------------------------------------------------------
@@ -415,6 +420,39 @@ def read_workload(server: ServerProcess, path: str, clients: int, requests: int,
                       "rps_pooled": summary["rps"], "runs": runs, "path": path, "clients": clients}
 
 
+def interleaved_reads(ours: ServerProcess, genome_path: str, floor: ServerProcess, clients: int, requests: int,
+                      warmup: int, rounds: int) -> dict[str, Any]:
+    """Both servers up; each round is a burst of ``GET genome_path`` on ours then one of ``GET /`` on the floor.
+
+    On a machine shared with other work a neighbour's load comes and goes within seconds, so
+    the sequential runs can catch it on one server and not the other; here each round's pair
+    shares it, and the median of the rounds' ratios is the figure.
+    """
+    requests_ = {"ours": request_bytes("GET", genome_path, ours.port), "floor": request_bytes("GET", "/", floor.port)}
+    servers = {"ours": ours, "floor": floor}
+    for name, server in servers.items():
+        drive(server, clients, warmup, lambda _c, _i, data=requests_[name]: ("get", data, 200))
+    rps: dict[str, list[float]] = {"ours": [], "floor": []}
+    cpu_us: dict[str, list[float]] = {"ours": [], "floor": []}
+    errors = 0
+    for _ in range(rounds):
+        for name, server in servers.items():
+            sample, usage = drive(server, clients, requests, lambda _c, _i, data=requests_[name]: ("get", data, 200))
+            done = len(sample.latencies_ns.get("get", []))
+            errors += sum(len(e) for e in sample.errors.values())
+            rps[name].append(harness.rate(done, usage["seconds"]))
+            cpu_us[name].append(1e6 * usage["server_cpu_s"] / done if done else float("nan"))
+    return {
+        "rounds": rounds, "requests_per_burst": requests, "clients": clients, "errors": errors,
+        "get_ratio": round(harness.median([o / f for o, f in zip(rps["ours"], rps["floor"], strict=True)]), 3),
+        "cpu_ratio": round(harness.median([f / o for o, f in zip(cpu_us["ours"], cpu_us["floor"], strict=True)]), 3),
+        "get_server_cpu_us": round(harness.median(cpu_us["ours"]), 1),
+        "floor_server_cpu_us": round(harness.median(cpu_us["floor"]), 1),
+        "rps": {name: [round(r, 1) for r in values] for name, values in rps.items()},
+        "server_cpu_us_per_request": {name: [round(c, 1) for c in values] for name, values in cpu_us.items()},
+    }
+
+
 def write_workload(server: ServerProcess, seed_: Seed, clients: int, cycles: int, warmup_cycles: int) -> dict[str, Any]:
     """Each client owns genome ``write_genome_ids[c]`` and alternates attach (even i) / detach (odd i)."""
     free = seed_.free_layer_ids
@@ -544,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
             if wrk:
                 harness.log(f"  wrk GET /genomes/{{id}} {scale.wrk_seconds:.0f}s")
                 wrk_results["get_genome"] = wrk_workload(wrk, ours, genome_path, args.clients, scale.wrk_seconds, script)
+            harness.log(f"  interleaved: {scale.interleaved_rounds} rounds of {scale.requests // 2} on ours, then on a floor")
+            floor = floor_server(root)
+            with running(floor):
+                results["interleaved"] = interleaved_reads(ours, genome_path, floor, args.clients, scale.requests // 2,
+                                                           scale.warmup, scale.interleaved_rounds)
             server_log_tail = ours.log_tail(5)
 
         floor = floor_server(root)
@@ -571,13 +614,15 @@ def main(argv: list[str] | None = None) -> int:
         "floor_server_cpu_us": results["floor"]["server_cpu_us_per_request"],
         "cpu_ratio": round(results["floor"]["server_cpu_us_per_request"]
                            / results["get_genome"]["server_cpu_us_per_request"], 3),
+        "interleaved_get_ratio": results["interleaved"]["get_ratio"],
+        "interleaved_cpu_ratio": results["interleaved"]["cpu_ratio"],
         "attach_layer_p95_ms": results["writes"]["attach"]["latency_ms"]["p95"],
         "detach_layer_p95_ms": results["writes"]["detach"]["latency_ms"]["p95"],
         "list_genomes_p95_ms": results["list_genomes"]["latency_ms"]["p95"],
         "errors": sum(r["errors"] for r in (results["get_genome"], results["list_genomes"], results["floor"],
                                             results["floor_sync"], results["writes"]["attach"],
                                             results["writes"]["detach"], results["writes_serial"]["attach"],
-                                            results["writes_serial"]["detach"])),
+                                            results["writes_serial"]["detach"])) + results["interleaved"]["errors"],
         "loadgen": "wrk" if args.loadgen == "wrk" else "asyncio",
     }
     if wrk_results and args.loadgen != "wrk":
@@ -625,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                         "GENOME_LOG_LEVEL=WARNING, no API keys (open mode on loopback, owner 'local')",
                 "floor": "Litestar(route_handlers=[GET / async -> {'status': 'ok', 'n': 1}, "
                          "GET /sync sync_to_thread=True -> same]) in this file (--serve-floor)",
-                "order": "ours (seed, reads, writes, wrk), stopped; then the floor; never both at once",
+                "order": "ours (seed, reads, writes, wrk), then a floor started beside it for the interleaved "
+                         "rounds, both stopped; then a fresh floor alone for its own reads",
             },
             "percentiles": "nearest rank over every measured request (read workloads: pooled over their runs)",
             "rps": "read workloads: the median of the runs' rates (each run: completed requests / its wall time)",
