@@ -30,11 +30,13 @@ POLL_SECONDS = 0.1
 class EngineBackend:
     """`engine`, whose loop is `loop`, as a synchronous Backend for code on other threads."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, priority: int = ACADEMY_PRIORITY) -> None:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, priority: int = ACADEMY_PRIORITY,
+                 timeout: float | None = None) -> None:
         self.name = engine.backend.name
         self._engine = engine
         self._loop = loop
         self._priority = priority
+        self._timeout = timeout
 
     @property
     def loads(self) -> int:
@@ -51,7 +53,8 @@ class EngineBackend:
 
         async def pump() -> None:
             try:
-                async for event in self._engine.stream(messages, stack, sampling, priority=self._priority):
+                stream = self._engine.stream(messages, stack, sampling, priority=self._priority, timeout=self._timeout)
+                async for event in stream:
                     events.put(event)
             except Exception as exc:  # noqa: BLE001 - a full queue or a closed engine ends this generation
                 events.put(Finish("error", 0, 0, f"{type(exc).__name__}: {exc}"))
@@ -81,7 +84,9 @@ class SharedEngine:
 
     async def runner(self, stopping: threading.Event | None = None) -> Runner:
         loaded = await self.runtime.ready()
-        backend = EngineBackend(loaded.engine, asyncio.get_running_loop())
+        # Not the chat timeout: queued behind chats, a generation may wait a while to start.
+        backend = EngineBackend(loaded.engine, asyncio.get_running_loop(),
+                                timeout=self.services.settings.inference_timeout)
         settings = RunnerSettings.from_settings(self.services.settings)
         return Runner(self.services, backend, loaded.model, settings, stopping=stopping)
 
