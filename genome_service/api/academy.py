@@ -114,7 +114,7 @@ class AcademyController(Controller):
         session_id = start_session(
             services, data.persona_id, data.goal, owner=owner, budget_steps=data.budget_steps,
             budget_seconds=data.budget_seconds, target_similarity=data.target_similarity,
-            metadata=command_metadata(request, owner),
+            metadata=command_metadata(request, owner, services.data_keys),
         )
         session = self._session(request, services, session_id)
         return with_etag(session, session.version, HTTP_201_CREATED, {"Location": f"/academy/sessions/{session.id}"})
@@ -150,7 +150,7 @@ class AcademyController(Controller):
             raise DomainError("session_finished", f"session {session_id} is {row['status']} and can no longer change")
         services.commands.execute(
             ACADEMY_SESSION, session_id, ChangeSessionStatus(SessionStatus.CANCELLED, f"cancelled by {owner}"),
-            expected_version=expected_version(request), metadata=command_metadata(request, owner),
+            expected_version=expected_version(request), metadata=command_metadata(request, owner, services.data_keys),
         )
         session = self._session(request, services, session_id)
         return with_etag(session, session.version)
@@ -164,7 +164,7 @@ class AcademyController(Controller):
         owner = await asyncio.to_thread(self._owned, request, services, session_id)
         runner = await academy_engine.runner()
         made = await asyncio.to_thread(runner.add_challenge, session_id, data.trait_type, data.difficulty,
-                                       command_metadata(request, owner))
+                                       command_metadata(request, owner, services.data_keys))
         return ChallengeView(made.challenge_id, made.trait_type, made.difficulty, made.prompt, list(made.criteria))
 
     @post("/{session_id:str}/challenges/{challenge_id:str}/responses", operation_id="scoreAcademyResponse",
@@ -177,7 +177,7 @@ class AcademyController(Controller):
         owner = await asyncio.to_thread(self._owned, request, services, session_id)
         runner = await academy_engine.runner()
         verdict = await asyncio.to_thread(runner.score_response, session_id, challenge_id, data.response,
-                                          command_metadata(request, owner))
+                                          command_metadata(request, owner, services.data_keys))
         return Score(challenge_id, verdict.score, verdict.rationale, verdict.judge)
 
     # The handler's media type is the stream's; the JSON answer names its own (as chat does).

@@ -113,7 +113,7 @@ async def start_turn(
 ) -> tuple[Token | Reply, AsyncIterator[Token | Reply]]:
     """The turn's first event and the rest: every refusal is raised here, before a response starts."""
     visible_row(services, PERSONAS, "persona_id", persona_id, caller_of(request), "persona")
-    events = run_turn(services, chat, turn, command_metadata(request, turn.owner))
+    events = run_turn(services, chat, turn, command_metadata(request, turn.owner, services.data_keys))
     return await anext(events), events
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -14,6 +13,8 @@ from litestar.exceptions import ClientException
 from litestar.types import Empty
 from litestar.utils.scope.state import ScopeState
 
+from genome_service.eventstore.cipher import MasterKey
+from genome_service.eventstore.data_keys import DataKeys
 from genome_service.eventstore.records import EventMetadata
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -34,9 +35,10 @@ def expected_version(request: Request[Any, Any, Any]) -> int | None:
     return int(value)
 
 
-def command_metadata(request: Request[Any, Any, Any], owner: str) -> EventMetadata:
+def command_metadata(request: Request[Any, Any, Any], owner: str, keys: DataKeys) -> EventMetadata:
     """Who asked, and the Idempotency-Key namespaced by owner and operation: a key never
-    replays another owner's request, nor a different kind of request."""
+    replays another owner's request, nor a different kind of request. ``keys`` gives the
+    master key that keys the request's fingerprint."""
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ClientException(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
@@ -45,17 +47,19 @@ def command_metadata(request: Request[Any, Any, Any], owner: str) -> EventMetada
         actor=owner,
         correlation_id=correlation[:200] if correlation else None,
         idempotency_key=f"{owner}:{request.route_handler.operation_id}:{key}" if key is not None else None,
-        request_fingerprint=request_fingerprint(request) if key is not None else None,
+        request_fingerprint=request_fingerprint(request, keys.master()) if key is not None else None,
     )
 
 
-def request_fingerprint(request: Request[Any, Any, Any]) -> str:
-    """SHA-256 of the method, path, query and body, as the handler received them.
+def request_fingerprint(request: Request[Any, Any, Any], master: MasterKey) -> str:
+    """HMAC-SHA256 (under a subkey of the master key) of the method, path, query and body,
+    as the handler received them.
 
     Handlers run once their body is read (JSON) or parsed (multipart), so this reads
     what Litestar kept: the bytes, or the form's text parts and files.
     """
-    digest = hashlib.sha256(f"{request.method} {request.url.path}?{request.scope['query_string'].decode('latin-1')}\n".encode())
+    digest = master.fingerprint()
+    digest.update(f"{request.method} {request.url.path}?{request.scope['query_string'].decode('latin-1')}\n".encode())
     state = ScopeState.from_scope(request.scope)
     if state.body is not Empty:
         digest.update(state.body)

@@ -164,7 +164,7 @@ class GenomeController(Controller):
         caller = caller_of(request)
         _own_persona(services, data.persona_id, caller)
         outcome = create_stream(
-            services, domain.GENOME, command_metadata(request, caller.owner),
+            services, domain.GENOME, command_metadata(request, caller.owner, services.data_keys),
             lambda genome_id: domain.CreateGenome(genome_id, caller.owner, data.persona_id, data.base_model, data.name, data.description),
         )
         genome = _from_aggregate(outcome.aggregate)
@@ -257,7 +257,7 @@ class GenomeController(Controller):
         persona_id = data.persona_id or parents[0].persona_id
         _own_persona(services, persona_id, caller)
         outcome = create_stream(
-            services, domain.GENOME, command_metadata(request, caller.owner),
+            services, domain.GENOME, command_metadata(request, caller.owner, services.data_keys),
             lambda child_id: domain.ForkGenome(child_id, caller.owner, persona_id, data.name, parents, data.description),
         )
         genome = _from_aggregate(outcome.aggregate)
@@ -274,7 +274,7 @@ class GenomeController(Controller):
         visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", archived_column=None)
         outcome = services.commands.execute(
             domain.GENOME, genome_id, command,
-            expected_version=expected_version(request), metadata=command_metadata(request, caller.owner),
+            expected_version=expected_version(request), metadata=command_metadata(request, caller.owner, services.data_keys),
         )
         genome = _from_aggregate(outcome.aggregate)
         return with_etag(genome, genome.version)

@@ -117,7 +117,7 @@ def _upload(
         raise ClientException(f"metadata: {error}") from error
     files = _uploaded_files(data)
     caller = caller_of(request)
-    outcome = register_layer(services, caller.owner, details, files, command_metadata(request, caller.owner))
+    outcome = register_layer(services, caller.owner, details, files, command_metadata(request, caller.owner, services.data_keys))
     layer = _from_aggregate(outcome.aggregate)
     return with_etag(layer, layer.version, HTTP_201_CREATED, {"Location": f"/layers/{layer.id}"})
 
@@ -220,7 +220,7 @@ class LayerController(Controller):
             raise PermissionDeniedException("a public layer can be changed only by its owner")
         outcome = services.commands.execute(
             domain.LAYER, layer_id, command,
-            expected_version=expected_version(request), metadata=command_metadata(request, caller.owner),
+            expected_version=expected_version(request), metadata=command_metadata(request, caller.owner, services.data_keys),
         )
         layer = _from_aggregate(outcome.aggregate)
         return with_etag(layer, layer.version)

@@ -96,7 +96,7 @@ class PersonaController(Controller):
         """Create a persona owned by the caller."""
         owner = caller_of(request).owner
         outcome = create_stream(
-            services, domain.PERSONA, command_metadata(request, owner),
+            services, domain.PERSONA, command_metadata(request, owner, services.data_keys),
             lambda persona_id: domain.CreatePersona(persona_id, owner, data.name, data.description, data.system_prompt),
         )
         persona = _from_aggregate(outcome.aggregate)
@@ -155,7 +155,7 @@ class PersonaController(Controller):
         caller = caller_of(request)
         _not_erased(visible_row(services, TABLE, "persona_id", persona_id, caller, "persona", archived_column=None))
         try:
-            erase_persona(services, persona_id, command_metadata(request, caller.owner))
+            erase_persona(services, persona_id, command_metadata(request, caller.owner, services.data_keys))
         except DomainError as error:
             if error.rule == "persona_erased":  # a concurrent erasure came first
                 raise _erased(persona_id) from None
@@ -172,7 +172,7 @@ class PersonaController(Controller):
         visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)
         outcome = services.commands.execute(
             domain.PERSONA, persona_id, command,
-            expected_version=expected_version(request), metadata=command_metadata(request, owner),
+            expected_version=expected_version(request), metadata=command_metadata(request, owner, services.data_keys),
         )
         persona = _from_aggregate(outcome.aggregate)
         return with_etag(persona, persona.version)

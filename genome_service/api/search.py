@@ -186,7 +186,7 @@ class KnowledgeController(Controller):
         """Add a text to the persona's knowledge: chunked with overlap, searchable at once."""
         _persona(services, request, persona_id)
         owner = caller_of(request).owner
-        outcome = add_knowledge(services, owner, persona_id, data.title, data.media_type, data.text, command_metadata(request, owner))
+        outcome = add_knowledge(services, owner, persona_id, data.title, data.media_type, data.text, command_metadata(request, owner, services.data_keys))
         return self._created(services, outcome.aggregate.stream_id)
 
     @post("/documents", operation_id="uploadKnowledge", status_code=HTTP_201_CREATED, sync_to_thread=True)
@@ -204,7 +204,7 @@ class KnowledgeController(Controller):
             raise SearchRefused("text_not_utf8", "knowledge files must be UTF-8 text or markdown") from error
         created = []
         for name, text in texts.items():
-            outcome = add_knowledge(services, owner, persona_id, name[:200], _media_type(name), text, command_metadata(request, owner))
+            outcome = add_knowledge(services, owner, persona_id, name[:200], _media_type(name), text, command_metadata(request, owner, services.data_keys))
             created.append(outcome.aggregate.stream_id)
         return [self._created(services, knowledge_id).content for knowledge_id in created]
 
@@ -228,7 +228,7 @@ class KnowledgeController(Controller):
         if row is None or row["persona_id"] != persona_id or row["removed"]:
             raise NotFound("knowledge", knowledge_id)
         owner = caller_of(request).owner
-        services.commands.execute(KNOWLEDGE, knowledge_id, RemoveKnowledge(), metadata=command_metadata(request, owner))
+        services.commands.execute(KNOWLEDGE, knowledge_id, RemoveKnowledge(), metadata=command_metadata(request, owner, services.data_keys))
 
     @get("/search", operation_id="searchKnowledge", sync_to_thread=True)
     def search(

@@ -154,3 +154,22 @@ def test_a_sealed_value_opens_only_in_its_own_place() -> None:
     assert key.seal_fixed(ASKED, here) == fixed and key.open_fixed(fixed, here) == ASKED
     with pytest.raises(SealBroken):
         key.open_fixed(fixed, there)
+
+
+def test_request_fingerprints_are_keyed_by_the_master_key(tmp_path: Path) -> None:
+    """A fingerprint outlives the shredded body in the log's metadata: without the master key
+    nobody can confirm a guessed body against it."""
+    import hashlib
+
+    from genome_service.eventstore.cipher import MasterKey
+
+    def fingerprint(master: MasterKey, body: bytes) -> str:
+        digest = master.fingerprint()
+        digest.update(body)
+        return digest.hexdigest()
+
+    body = f'{{"text": "{ASKED}"}}'.encode()
+    ours = MasterKey.from_file(tmp_path / "a.key")
+    assert fingerprint(ours, body) == fingerprint(MasterKey.from_file(tmp_path / "a.key"), body)
+    assert fingerprint(ours, body) != fingerprint(MasterKey.from_file(tmp_path / "b.key"), body)
+    assert fingerprint(ours, body) != hashlib.sha256(body).hexdigest()
