@@ -1,6 +1,6 @@
-"""LoRA training throughput and quality: our trainer against a plain PEFT + torch loop.
+"""LoRA training throughput and quality: our trainer against a plain PEFT + torch loop (or mlx-lm's).
 
-    .venv/bin/python benchmarks/academy.py [--quick] [--steps N] [--rounds R] [--device auto]
+    .venv/bin/python benchmarks/academy.py [--quick] [--steps N] [--rounds R] [--device auto] [--backend mlx]
 
 Both sides train a rank-8 LoRA (alpha 16, q/k/v/o projections, dropout 0) on the default
 model (SmolLM2-135M-Instruct, fp32 weights; `genome-service model pull` first) with the
@@ -12,9 +12,16 @@ gradient clipping:
 - baseline: the loop a PEFT tutorial writes: `get_peft_model`, `torch.optim.AdamW`,
   `transformers.get_cosine_schedule_with_warmup`, forward/backward/clip/step per batch.
 
-The baseline gets the very batches ours trains on (our tokenisation and batch order,
+With `--backend mlx` the two sides are mlx-lm's instead:
+
+- ours: `inference.training_mlx.train_lora_mlx` (mlx-lm's LoRA layers and loss in our loop);
+- baseline: what `mlx_lm.lora` runs: `linear_to_lora_layers`, AdamW on mlx-lm's
+  `build_schedule` (linear warmup, cosine decay) and `mlx_lm.tuner.trainer.train` (compiled
+  step, its own batching of the same tokenised examples, no clipping), a loss report per step.
+
+The torch baseline gets the very batches ours trains on (our tokenisation and batch order,
 made before its clock starts), so the figures compare the training loops, not two data
-pipelines. Rates count target (assistant) tokens and skip each run's first 2 steps
+pipelines; the mlx baseline batches the same tokens its own way. Rates count target (assistant) tokens and skip each run's first 2 steps
 (allocator and thread-pool warm-up). The sides alternate for `--rounds` rounds; the
 median rate of each is kept.
 
@@ -85,6 +92,58 @@ def run_ours(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
     return _summary(list(result.losses), [(m.seconds, m.tokens) for m in marks])
 
 
+def run_ours_mlx(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
+    from inference.training import Progress
+    from inference.training_mlx import train_lora_mlx
+
+    marks: list[Progress] = []
+    result = train_lora_mlx(folder, examples, config, on_progress=marks.append)
+    return _summary(list(result.losses), [(m.seconds, m.tokens) for m in marks])
+
+
+def run_baseline_mlx(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
+    import contextlib
+    import tempfile
+
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+    from mlx_lm.utils import load
+    from transformers import AutoTokenizer
+
+    from inference.lora.adapter import PARENTS
+    from inference.training import IGNORE, tokenize
+
+    model, _ = load(str(folder))
+    model.freeze()
+    keys = [f"{PARENTS[m]}.{m}" for m in config.target_modules]
+    lora = {"rank": config.rank, "scale": config.alpha / config.rank, "dropout": 0.0, "keys": keys}
+    linear_to_lora_layers(model, len(model.layers), lora)
+    # mlx-lm's datasets are (tokens, offset of the answer) pairs.
+    dataset = [(ids, next(i for i, label in enumerate(labels) if label != IGNORE))
+               for ids, labels in tokenize(AutoTokenizer.from_pretrained(folder), examples, config.max_length)]
+    schedule = build_schedule({"name": "cosine_decay", "warmup": config.warmup_steps,
+                               "arguments": [config.learning_rate, config.steps - config.warmup_steps, 0.0]})
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    marks: list[tuple[float, int]] = []
+    started = time.perf_counter()
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info: dict[str, Any]) -> None:
+            losses.append(info["train_loss"])
+            marks.append((time.perf_counter() - started, info["trained_tokens"]))
+
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
+        args = TrainingArgs(batch_size=config.batch_size, iters=config.steps, steps_per_report=1,
+                            steps_per_save=config.steps + 1, max_seq_length=config.max_length,
+                            adapter_file=str(Path(scratch) / "adapters.safetensors"))
+        started = time.perf_counter()
+        train(model, optimizer, dataset, args=args, training_callback=Record())
+    return _summary(losses, marks)
+
+
 def run_baseline(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
     import torch
     from transformers import get_cosine_schedule_with_warmup
@@ -126,19 +185,30 @@ def _summary(losses: list[float], marks: list[tuple[float, int]]) -> dict[str, A
     }
 
 
+def _device(backend: str, device: str) -> str:
+    if backend == "mlx":
+        import mlx.core as mx
+
+        return f"mlx-{mx.default_device()}"
+    from inference.backends.torch import pick_device
+
+    return pick_device(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 steps, one round (a few minutes on 2 CPU cores)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or one of them")
+    parser.add_argument("--device", default="auto", help="torch: auto (cuda, mps, cpu), or one of them")
+    parser.add_argument("--backend", choices=("torch", "mlx"), default="torch",
+                        help="torch: ours against PEFT + torch; mlx: ours against mlx-lm's trainer")
     parser.add_argument("--models-dir", type=Path, default=None, help="where `model pull` put the default model")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import msgspec
     import torch
 
-    from inference.backends.torch import pick_device
     from inference.pull import pull_default
     from inference.training import TrainingConfig
 
@@ -159,7 +229,8 @@ def main() -> None:
         order = ("baseline", "ours") if round_number % 2 == 0 else ("ours", "baseline")
         for side in order:
             harness.log(f"round {round_number + 1}/{rounds}: {side} ({steps} steps)")
-            run = run_ours if side == "ours" else run_baseline
+            run = {("torch", "ours"): run_ours, ("torch", "baseline"): run_baseline,
+                   ("mlx", "ours"): run_ours_mlx, ("mlx", "baseline"): run_baseline_mlx}[args.backend, side]
             runs[side].append(run(folder, examples, config))
     ours_rate = statistics.median(r["tokens_per_s"] for r in runs["ours"])
     base_rate = statistics.median(r["tokens_per_s"] for r in runs["baseline"])
@@ -173,7 +244,8 @@ def main() -> None:
         "final_loss": round(ours_loss, 4),
         "baseline_final_loss": round(base_loss, 4),
         "first_loss": round(runs["ours"][0]["first_loss"], 4),
-        "device": pick_device(args.device),
+        "device": _device(args.backend, args.device),
+        "backend": args.backend,
         "steps": steps,
     }
     results = {
@@ -181,7 +253,7 @@ def main() -> None:
         "config": msgspec.to_builtins(config), "examples": len(examples),
         "threads": torch.get_num_threads(), "seconds": watch.elapsed, "hardware": harness.hardware_metadata(PACKAGES),
     }
-    path = harness.save_results("academy", results)
+    path = harness.save_results("academy" if args.backend == "torch" else "academy-mlx", results)
     harness.print_table("academy", ["figure", "value"], [[k, v] for k, v in headline.items()])
     harness.log(f"saved {path}")
     print(json.dumps(headline))
