@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from genome_service.domain.common import DomainError
 from genome_service.domain.conversation import CONVERSATION, Generation, Message, RecordTurn, SamplingUsed, Usage
 from genome_service.domain.knowledge import KNOWLEDGE, AddKnowledge, PersonaFacts
 from genome_service.domain.persona import PERSONA, CreatePersona
-from genome_service.eventstore.cipher import DataKey, SealBroken, associated
+from genome_service.eventstore.cipher import DataKey, MasterKey, SealBroken, associated
 from genome_service.eventstore.data_keys import SubjectErased
 from genome_service.eventstore.database import Database
 from genome_service.eventstore.records import EventMetadata, Expect
@@ -159,10 +160,6 @@ def test_a_sealed_value_opens_only_in_its_own_place() -> None:
 def test_request_fingerprints_are_keyed_by_the_master_key(tmp_path: Path) -> None:
     """A fingerprint outlives the shredded body in the log's metadata: without the master key
     nobody can confirm a guessed body against it."""
-    import hashlib
-
-    from genome_service.eventstore.cipher import MasterKey
-
     def fingerprint(master: MasterKey, body: bytes) -> str:
         digest = master.fingerprint()
         digest.update(body)
