@@ -22,7 +22,6 @@ from genome_service.api.resources import (
     caller_of,
     event_views,
     page,
-    visible,
     visible_row,
     with_etag,
 )
@@ -112,6 +111,14 @@ def _from_row(row: dict[str, Any], layers: list[StackedLayer]) -> Genome:
     )
 
 
+def _read_genome(connection: Connection, genome_id: str) -> Genome | None:
+    found = get_row_with_children(connection, TABLE, "genome_id", genome_id, REFS, "position")
+    if found is None:
+        return None
+    row, refs = found
+    return _from_row(row, [StackedLayer(r["layer_id"], r["weight"], r["position"]) for r in refs])
+
+
 # Stream versions are 32-bit integers in the database.
 MAX_VERSION = 2**31 - 1
 
@@ -179,11 +186,11 @@ class GenomeController(Controller):
         """One genome now, or as it was at a version or a time; 410 once archived."""
         caller = caller_of(request)
         if version is None and as_of is None:
-            with services.database.read() as connection:
-                found = get_row_with_children(connection, TABLE, "genome_id", genome_id, REFS, "position")
-            row, refs = found or (None, [])
-            row = visible(row, genome_id, caller, "genome")
-            genome = _from_row(row, [StackedLayer(r["layer_id"], r["weight"], r["position"]) for r in refs])
+            genome = services.database.read_through(("genome", genome_id), lambda c: _read_genome(c, genome_id))
+            if genome is None or genome.owner != caller.owner:
+                raise NotFound("genome", genome_id)
+            if genome.archived:
+                raise Gone("genome", genome_id)
             return with_etag(genome, genome.version)
         _visible_genome(services, genome_id, caller)
         if as_of is not None:

@@ -15,7 +15,6 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
 from time import perf_counter
-from typing import Any
 
 from litestar import Controller, Response, get
 from litestar.types import ASGIApp, Message, Receive, Scope, Send

@@ -93,8 +93,8 @@ def visible_row(
 ) -> dict[str, Any]:
     """The row, if the caller may see it: another owner's private resource is simply not found."""
     if connection is None:
-        with services.database.read() as own:
-            row = get_row(own, table, key, resource_id)
+        # Shared with later requests until the next commit: the row is only read here and by callers.
+        row = services.database.read_through((table.name, resource_id), lambda own: get_row(own, table, key, resource_id))
     else:
         row = get_row(connection, table, key, resource_id)
     return visible(row, resource_id, caller, kind, archived_column=archived_column, public_column=public_column)

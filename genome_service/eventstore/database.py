@@ -13,22 +13,27 @@ database, and no write pays for a pool checkout.
 Reads keep one open connection per thread for the same reason: a pool checkout
 and its reset cost more than the indexed lookup of a GET by id. Each read ends
 its transaction when the outermost ``read()`` exits, so the next one sees every
-commit since.
+commit since. ``read_through`` goes further on SQLite: a value read by key is reused
+until any process commits a write (see ``changes``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Literal
+from pathlib import Path
+from typing import Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from genome_service.eventstore.changes import ChangeToken, ReadCache
 from genome_service.settings import Settings
+
+T = TypeVar("T")
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -40,6 +45,14 @@ def normalise_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for an in-memory database."""
+    name = sa.engine.make_url(url).database
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    return Path(name)
 
 
 class Database:
@@ -54,13 +67,18 @@ class Database:
         self._local = threading.local()
         self._readers_lock = threading.Lock()
         self._readers: dict[threading.Thread, Connection] = {}
+        self.changes: ChangeToken | None = None
         if self.dialect == "sqlite":
             self.write_engine = self._sqlite_engine(sqlite_synchronous, sqlite_busy_timeout, "BEGIN IMMEDIATE")
             self.read_engine = self._sqlite_engine(sqlite_synchronous, sqlite_busy_timeout, "BEGIN")
+            path = sqlite_file(self.url)
+            if path is not None:
+                self.changes = ChangeToken(path)
         else:
             self.write_engine = self.read_engine = sa.create_engine(
                 self.url, pool_size=8, max_overflow=64, pool_pre_ping=True
             )
+        self._read_cache = ReadCache(self.changes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -104,8 +122,14 @@ class Database:
             connection = self._writer
             if connection is None or connection.closed or connection.invalidated:
                 connection = self._writer = self.write_engine.connect()
-            with connection.begin():
-                yield connection
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                # After the commit is visible and before the caller answers anyone; on a
+                # rollback too, since a failed commit may still have reached the file.
+                if self.changes is not None:
+                    self.changes.replace()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -122,6 +146,17 @@ class Database:
             local.depth -= 1
             if local.depth == 0:
                 self._end_read(connection)
+
+    def read_through(self, key: Hashable, load: Callable[[Connection], T]) -> T:
+        """``load`` on a read connection, or its value from an earlier call with the same key
+        if nothing has been committed since (SQLite files; PostgreSQL always loads).
+        The value is shared between callers: cache only what nobody mutates."""
+
+        def loaded() -> T:
+            with self.read() as connection:
+                return load(connection)
+
+        return self._read_cache.get(key, loaded)
 
     def _new_reader(self) -> Connection:
         connection = self.read_engine.connect()

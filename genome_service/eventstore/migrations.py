@@ -8,7 +8,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from genome_service.eventstore.database import normalise_url
+from genome_service.eventstore.changes import ChangeToken
+from genome_service.eventstore.database import normalise_url, sqlite_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,10 +24,19 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
+    _changed(url)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
+    _changed(url)
+
+
+def _changed(url: str) -> None:
+    # Migrations write outside Database.write(): servers on this file must not serve rows cached before.
+    url = normalise_url(url)
+    if url.startswith("sqlite") and (path := sqlite_file(url)) is not None:
+        ChangeToken(path).replace()
 
 
 def check(url: str) -> None:

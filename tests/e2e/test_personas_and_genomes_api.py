@@ -110,6 +110,24 @@ def test_genome_fork_list_filters_pagination_and_archive(server: Server) -> None
         assert client.get(f"/genomes/{parent['id']}/events").status_code == 200
 
 
+def test_two_servers_on_one_database_never_serve_a_row_the_other_changed(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Each process caches GETs by id until a commit: a write through one must show in the next read through the other."""
+    first, second = start_server(), start_server()
+    with first.client() as writer, second.client() as reader:
+        persona = create_persona(writer)
+        genome = create_genome(writer, persona["id"])
+        path = f"/genomes/{genome['id']}"
+        for n in range(1, 6):
+            assert reader.get(path).json()["name"] == ("main" if n == 1 else f"name {n - 1}")  # now cached by the reader
+            changed = writer.patch(path, json={"name": f"name {n}"})
+            assert changed.status_code == 200, changed.text
+            seen = reader.get(path)
+            assert (seen.json()["name"], seen.headers["etag"]) == (f"name {n}", f'"{n + 1}"')
+            assert reader.get(f"/personas/{persona['id']}").json()["name"] == "Ada"
+        assert writer.delete(path).status_code == 204
+        assert reader.get(path).status_code == 410
+
+
 def test_another_owners_resources_are_not_found(start_server) -> None:  # type: ignore[no-untyped-def]
     server: Server = start_server()
     alice, bob = (server.cli("keys", "create", "--owner", who).stdout.strip() for who in ("alice", "bob"))

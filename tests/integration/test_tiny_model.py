@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fixtures.make_model import make_tiny_llama, tiny_spec
 
