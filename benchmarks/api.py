@@ -17,7 +17,10 @@ ASGI server and options (uvicorn, 1 worker, log level warning, its defaults othe
 Workloads (each after a warm-up; every response's status is checked, errors counted):
 
 - get_genome: ``GET /genomes/{id}`` (a genome with 3 layers), ``--clients`` keep-alive
-  connections; ``get_ratio`` = get_genome_rps / floor_rps.
+  connections; ``get_ratio`` = get_genome_rps / floor_rps. Nothing is written meanwhile,
+  so after the first request each is served by the read cache.
+- get_genome_uncached: the same against a second server on the same database started with
+  ``GENOME_READ_CACHE=false``: every GET reads SQLite, as the first GET after a write does.
 - list_genomes: ``GET /genomes`` (every genome of the owner, with their stacks).
 - attach/detach: each of ``--write-clients`` connections owns a genome and alternates
   ``POST /genomes/{id}/layers`` (attach a layer not yet in its stack) with
@@ -198,16 +201,17 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
         harness.log(f"  {server.name} server stopped (exit {code})")
 
 
-def our_server(data_dir: Path, log_dir: Path) -> ServerProcess:
+def our_server(data_dir: Path, log_dir: Path, name: str = "ours", **settings: str) -> ServerProcess:
     from genome_service.eventstore.migrations import upgrade
 
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(f"sqlite:///{data_dir / 'genome.db'}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENOME_")}
     env |= {"GENOME_DATA_DIR": str(data_dir), "GENOME_RATE_LIMIT_PER_MINUTE": "0", "GENOME_LOG_LEVEL": "WARNING"}
+    env |= {f"GENOME_{key.upper()}": value for key, value in settings.items()}
     port = free_port()
     command = [sys.executable, "-m", "genome_service.cli", "serve", "--port", str(port)]
-    return ServerProcess("ours", command, env, port, "/health", log_dir)
+    return ServerProcess(name, command, env, port, "/health", log_dir)
 
 
 def floor_server(log_dir: Path) -> ServerProcess:
@@ -572,6 +576,13 @@ def main(argv: list[str] | None = None) -> int:
             genome_path = f"/genomes/{seeded.read_genome_id}"
             results["get_genome"] = read_workload(ours, genome_path, args.clients, scale.requests, scale.warmup,
                                                   scale.runs)
+            # The same reads with every one going to SQLite: what a GET costs right after a write.
+            uncached = our_server(root / "data", root, "ours-uncached", read_cache="false")
+            with running(uncached):
+                harness.log(f"  GET /genomes/{{id}} without the read cache (a second server, GENOME_READ_CACHE=false) "
+                            f"{scale.runs} x {scale.requests}")
+                results["get_genome_uncached"] = read_workload(uncached, genome_path, args.clients, scale.requests,
+                                                               scale.warmup, scale.runs)
             harness.log(f"  GET /genomes {scale.runs} x {scale.list_requests}")
             results["list_genomes"] = read_workload(ours, "/genomes", args.clients, scale.list_requests,
                                                     scale.warmup // 4, scale.runs)
@@ -616,10 +627,13 @@ def main(argv: list[str] | None = None) -> int:
                            / results["get_genome"]["server_cpu_us_per_request"], 3),
         "interleaved_get_ratio": results["interleaved"]["get_ratio"],
         "interleaved_cpu_ratio": results["interleaved"]["cpu_ratio"],
+        "get_uncached_rps": results["get_genome_uncached"]["rps"],
+        "get_uncached_p95_ms": results["get_genome_uncached"]["latency_ms"]["p95"],
         "attach_layer_p95_ms": results["writes"]["attach"]["latency_ms"]["p95"],
         "detach_layer_p95_ms": results["writes"]["detach"]["latency_ms"]["p95"],
         "list_genomes_p95_ms": results["list_genomes"]["latency_ms"]["p95"],
-        "errors": sum(r["errors"] for r in (results["get_genome"], results["list_genomes"], results["floor"],
+        "errors": sum(r["errors"] for r in (results["get_genome"], results["get_genome_uncached"],
+                                            results["list_genomes"], results["floor"],
                                             results["floor_sync"], results["writes"]["attach"],
                                             results["writes"]["detach"], results["writes_serial"]["attach"],
                                             results["writes_serial"]["detach"])) + results["interleaved"]["errors"],
@@ -670,7 +684,10 @@ def main(argv: list[str] | None = None) -> int:
                         "GENOME_LOG_LEVEL=WARNING, no API keys (open mode on loopback, owner 'local')",
                 "floor": "Litestar(route_handlers=[GET / async -> {'status': 'ok', 'n': 1}, "
                          "GET /sync sync_to_thread=True -> same]) in this file (--serve-floor)",
-                "order": "ours (seed, reads, writes, wrk), then a floor started beside it for the interleaved "
+                "ours_uncached": "the same command and settings plus GENOME_READ_CACHE=false, on ours's data dir, "
+                                 "started after ours's cached GET runs and stopped after its own",
+                "order": "ours (seed, reads, uncached reads on a second server, list, writes, wrk), then a floor "
+                         "started beside it for the interleaved "
                          "rounds, both stopped; then a fresh floor alone for its own reads",
             },
             "percentiles": "nearest rank over every measured request (read workloads: pooled over their runs)",
@@ -684,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     w = args.write_clients
-    for name, r in (("get genome", results["get_genome"]), ("list genomes", results["list_genomes"]),
+    for name, r in (("get genome", results["get_genome"]), ("get uncached", results["get_genome_uncached"]),
+                    ("list genomes", results["list_genomes"]),
                     (f"attach x{w}", results["writes"]["attach"]), (f"detach x{w}", results["writes"]["detach"]),
                     ("attach x1", results["writes_serial"]["attach"]), ("detach x1", results["writes_serial"]["detach"]),
                     ("floor", results["floor"]), ("floor sync", results["floor_sync"])):

@@ -56,7 +56,9 @@ def sqlite_file(url: str) -> Path | None:
 
 
 class Database:
-    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_busy_timeout: float = 30.0, read_cache: bool = True,
+    ) -> None:
         self.url = normalise_url(url)
         backend = sa.engine.make_url(self.url).get_backend_name()
         if backend not in ("sqlite", "postgresql"):
@@ -78,7 +80,7 @@ class Database:
             self.write_engine = self.read_engine = sa.create_engine(
                 self.url, pool_size=8, max_overflow=64, pool_pre_ping=True
             )
-        self._read_cache = ReadCache(self.changes)
+        self._read_cache = ReadCache(self.changes if read_cache else None)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -88,6 +90,7 @@ class Database:
             settings.resolved_database_url,
             sqlite_synchronous=settings.sqlite_synchronous,
             sqlite_busy_timeout=settings.sqlite_busy_timeout,
+            read_cache=settings.read_cache,
         )
 
     def _sqlite_engine(self, synchronous: str, busy_timeout: float, begin: str) -> Engine:

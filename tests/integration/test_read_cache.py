@@ -107,3 +107,19 @@ def test_an_in_memory_database_has_no_file_for_a_token(url: str) -> None:
 def test_a_file_database_has_its_token_beside_it(tmp_path: Path) -> None:
     assert sqlite_file(f"sqlite:///{tmp_path / 'genome.db'}") == tmp_path / "genome.db"
     assert ChangeToken(tmp_path / "genome.db").path == tmp_path / "genome.db-changes"
+
+
+def test_with_the_cache_off_every_read_goes_to_the_database_and_writes_still_signal(sqlite_url: str) -> None:
+    plain, cached = Database(sqlite_url, read_cache=False), Database(sqlite_url)
+    load, cached_load = CountingLoader(COUNT_KEYS), CountingLoader(COUNT_KEYS)
+    try:
+        plain.read_through("keys", load)
+        plain.read_through("keys", load)
+        assert load.calls == 2
+        cached.read_through("keys", cached_load)
+        with plain.write() as connection:  # a server without the cache still tells the others
+            connection.exec_driver_sql("INSERT INTO api_keys (key_id, owner, key_hash, created_at) VALUES ('k', 'o', 'h', '2026-01-01 00:00:00')")
+        assert cached.read_through("keys", cached_load) == 1 and cached_load.calls == 2
+    finally:
+        plain.dispose()
+        cached.dispose()
