@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
 from genome_service.eventstore.database import Database
@@ -123,18 +124,22 @@ class KeyStore:
             finally:
                 cursor.close()
 
+    def _active_key(self, connection: Connection, key_id: str) -> tuple[str, str] | None:
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(self._select_owner, (key_id,))
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if row is None else (row[0], row[1])
+
     def owner_of(self, presented: str) -> str | None:
         """The owner of an active key, or None for anything else."""
         parts = presented.split("_")
         if len(parts) < 3 or parts[0] != PREFIX:
             return None
-        with self.database.read() as connection:
-            cursor = connection.connection.cursor()
-            try:
-                cursor.execute(self._select_owner, (parts[1],))
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+        # Cached until the next commit anywhere (SQLite), so a revocation still counts at once.
+        row = self.database.read_through(("api_keys", parts[1]), lambda connection: self._active_key(connection, parts[1]))
         if row is None or not hmac.compare_digest(row[1], _hash(presented)):
             return None
         return row[0]
