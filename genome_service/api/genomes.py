@@ -213,17 +213,21 @@ class GenomeController(Controller):
         cursor: str | None = None,
     ) -> Page:
         """The caller's genomes, oldest first, filtered, a page at a time."""
-        where = [TABLE.c.owner == caller_of(request).owner, TABLE.c.archived == archived]
-        if persona_id is not None:
-            where.append(TABLE.c.persona_id == persona_id)
-        if base_model is not None:
-            where.append(TABLE.c.base_model == base_model)
-        if layer_id is not None:
-            where.append(TABLE.c.genome_id.in_(sa.select(REFS.c.genome_id).where(REFS.c.layer_id == layer_id)))
-        rows, next_cursor = page(services, TABLE, "genome_id", where, cursor, limit)
-        with services.database.read() as connection:
+        owner = caller_of(request).owner
+
+        def load(connection: Connection) -> Page:
+            where = [TABLE.c.owner == owner, TABLE.c.archived == archived]
+            if persona_id is not None:
+                where.append(TABLE.c.persona_id == persona_id)
+            if base_model is not None:
+                where.append(TABLE.c.base_model == base_model)
+            if layer_id is not None:
+                where.append(TABLE.c.genome_id.in_(sa.select(REFS.c.genome_id).where(REFS.c.layer_id == layer_id)))
+            rows, next_cursor = page(services, TABLE, "genome_id", where, cursor, limit)
             stacks = _stacks(connection, [row["genome_id"] for row in rows])
-        return Page([_from_row(row, stacks[row["genome_id"]]) for row in rows], next_cursor)
+            return Page([_from_row(row, stacks[row["genome_id"]]) for row in rows], next_cursor)
+
+        return services.database.read_through(("genomes", owner, persona_id, base_model, layer_id, archived, limit, cursor), load)
 
     @patch("/{genome_id:str}", operation_id="updateGenome", sync_to_thread=False)
     def update(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: GenomeUpdate) -> Response[Genome]:

@@ -118,11 +118,14 @@ def test_two_servers_on_one_database_never_serve_a_row_the_other_changed(start_s
         genome = create_genome(writer, persona["id"])
         path = f"/genomes/{genome['id']}"
         for n in range(1, 6):
-            assert reader.get(path).json()["name"] == ("main" if n == 1 else f"name {n - 1}")  # now cached by the reader
+            before = "main" if n == 1 else f"name {n - 1}"
+            assert reader.get(path).json()["name"] == before  # now cached by the reader, and so is the list
+            assert [g["name"] for g in reader.get("/genomes").json()["items"]] == [before]
             changed = writer.patch(path, json={"name": f"name {n}"})
             assert changed.status_code == 200, changed.text
             seen = reader.get(path)
             assert (seen.json()["name"], seen.headers["etag"]) == (f"name {n}", f'"{n + 1}"')
+            assert [g["name"] for g in reader.get("/genomes").json()["items"]] == [f"name {n}"]
             assert reader.get(f"/personas/{persona['id']}").json()["name"] == "Ada"
         assert writer.delete(path).status_code == 204
         assert reader.get(path).status_code == 410
