@@ -18,6 +18,8 @@ import typer
 from genome_service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    import threading
+
     from genome_service.services.bootstrap import Services
 
 app = typer.Typer(
@@ -454,17 +456,46 @@ def academy_worker(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="Exit when no session is left to claim.")] = False,
 ) -> None:
-    """Claim academy sessions and run them (several workers are safe together); resumes crashed ones."""
+    """Claim academy sessions and run them (several workers are safe together); resumes crashed ones.
+
+    SIGTERM or Ctrl-C stops the session in progress at its next step or token, leaving it
+    running for the next worker to resume, and exits 0; a second signal exits at once.
+    """
     import threading
 
     from genome_service.academy.worker import Worker
 
     context: Context = ctx.obj
+    stop = threading.Event()
     with context.services() as services:
-        worker = Worker(services, lambda: _academy_runner(context, services))
+        worker = Worker(services, lambda: _academy_runner(context, services, stop))
         context.say("academy worker: waiting for sessions" if not once else "academy worker: running open sessions")
-        worker.run(threading.Event(), until_idle=once,
+        received = _stop_on_signals(stop)
+        worker.run(stop, until_idle=once,
                    on_finished=lambda state: context.say(f"session {state.session_id}: {state.status.value}"))
+    if received:
+        context.say(f"academy worker: stopped by {received[0]}; an unfinished session stays running, to resume")
+
+
+def _stop_on_signals(stop: threading.Event) -> list[str]:
+    """Set `stop` on the first SIGTERM or SIGINT; the list returned gets the signal's name."""
+    import signal
+    import threading
+
+    received: list[str] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        # The default action from now on: a second signal ends the process even inside a long C call.
+        for each in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(each, signal.SIG_DFL)
+        # Not `stop.set()` here: the handler runs on the main thread, which may be inside
+        # `stop.wait()` holding the Event's lock, and would deadlock on it.
+        threading.Thread(target=stop.set, name="academy-worker-stop", daemon=True).start()
+
+    for each in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(each, handle)
+    return received
 
 
 @academy_app.command(
@@ -519,13 +550,13 @@ def _run_with_progress(context: Context, services: Services, runner, session_id:
     return finished[0] if finished else services.repository.load(ACADEMY_SESSION, session_id).state
 
 
-def _academy_runner(context: Context, services: Services):  # type: ignore[no-untyped-def]
+def _academy_runner(context: Context, services: Services, stopping: threading.Event | None = None):  # type: ignore[no-untyped-def]
     from genome_service.academy.worker import open_runner
     from inference.models import ModelNotPulled
 
     context.say(f"loading {context.settings.inference_model}")
     try:
-        return open_runner(services)
+        return open_runner(services, stopping)
     except (KeyError, ModelNotPulled) as error:
         raise UserError(str(error)) from None
 

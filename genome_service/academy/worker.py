@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from genome_service.academy.runner import SESSIONS, Runner, RunnerSettings
 from genome_service.academy.shared_engine import SharedEngine
-from genome_service.domain.academy import AcademySession, SessionStatus
+from genome_service.domain.academy import TERMINAL, AcademySession, SessionStatus
 from genome_service.services.bootstrap import Services
 
 ACTIVE = (SessionStatus.PENDING.value, SessionStatus.RUNNING.value)
@@ -35,13 +35,15 @@ log = logging.getLogger("genome_service.academy")
 STOP_SECONDS = 30.0
 
 
-def open_runner(services: Services) -> Runner:
-    """A runner on the model the settings name, loaded by the backend they choose."""
+def open_runner(services: Services, stopping: threading.Event | None = None) -> Runner:
+    """A runner on the model the settings name, loaded by the backend they choose; `stopping`
+    set stops its session at the next step or token, still running, for a worker to resume."""
     from genome_service.services.backend import open_configured_backend
 
     settings = services.settings
     backend, _ = open_configured_backend(settings, services.models)
-    return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings))
+    return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings),
+                  stopping=stopping)
 
 
 class Worker:
@@ -75,14 +77,15 @@ class Worker:
 
     def run(self, stop: threading.Event, *, until_idle: bool = False,
             on_finished: Callable[[AcademySession], None] | None = None) -> None:
-        """Run sessions until `stop` is set (or, with `until_idle`, until none is left to claim)."""
+        """Run sessions until `stop` is set (or, with `until_idle`, until none is left to claim);
+        `on_finished` gets each session that ended, not one a stop left running."""
         while not stop.is_set():
             finished = self.run_next()
             if finished is None:
                 if until_idle:
                     return
                 stop.wait(self.poll_seconds)
-            elif on_finished is not None:
+            elif on_finished is not None and finished.status in TERMINAL:
                 on_finished(finished)
 
     @contextmanager

@@ -1,5 +1,6 @@
 """Academy workers as their own processes: a SIGKILLed worker's session is finished by the next one,
-and no recorded step runs twice; `academy run` trains with a loss plot; bad input exits 1."""
+and no recorded step runs twice; a SIGTERMed worker exits 0 and leaves its session to resume;
+`academy run` trains with a loss plot; bad input exits 1."""
 
 from __future__ import annotations
 
@@ -94,6 +95,44 @@ def test_a_worker_killed_mid_training_leaves_the_session_to_the_next_which_runs_
     scored = [e.challenge_id for e in after if isinstance(e, ResponseScored)]
     assert challenges == sorted(set(challenges)) and len(challenges) == 3 and sorted(scored) == challenges
     assert len([e for e in after if isinstance(e, LayerProduced)]) == 1
+
+
+def test_a_worker_sent_sigterm_mid_training_exits_0_promptly_and_its_session_resumes_elsewhere(
+    services: Services, env: dict[str, str], tmp_path: Path
+) -> None:
+    goal = "Answer every question in a calm, gentle voice."
+    services.commands.execute(ACADEMY_SESSION, "s1", StartAcademySession("s1", "alice", "p1", goal, budget_steps=40))
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        first = subprocess.Popen([*CLI, "academy", "worker"], env=env, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(isinstance(e, TrainingProgressed) and e.step >= 10 for e in events(services, "s1")):
+            assert first.poll() is None and time.monotonic() < deadline, "the worker never reached step 10"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        status = first.wait(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+
+    # One tiny-model step or generated token is well under a second; 15 s leaves room for a busy machine.
+    assert status == 0 and waited < 15, (status, waited, log.read_text())
+    assert log.read_text().splitlines()[-1].startswith("academy worker: stopped by SIGTERM")
+    state = services.repository.load(ACADEMY_SESSION, "s1").state
+    assert state.status is SessionStatus.RUNNING and not state.reason
+    steps_before = [e.step for e in events(services, "s1") if isinstance(e, TrainingProgressed)]
+    assert steps_before[-1] < 40
+
+    second = subprocess.run([*CLI, "academy", "worker", "--once"], env=env, capture_output=True, text=True,
+                            timeout=300)
+
+    assert second.returncode == 0, second.stderr
+    assert "session s1: completed" in second.stderr
+    steps = [e.step for e in events(services, "s1") if isinstance(e, TrainingProgressed)]
+    assert steps[: len(steps_before)] == steps_before and steps == sorted(set(steps)) and steps[-1] == 40
 
 
 def test_a_resumed_session_is_held_to_the_time_budget_its_first_worker_started(
