@@ -13,8 +13,9 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.spec import OpenAPI
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_201_CREATED
 
@@ -108,7 +109,9 @@ class AcademyController(Controller):
     tags = ["academy"]
 
     @post("/", operation_id="startAcademySession", status_code=HTTP_201_CREATED, sync_to_thread=False)
-    def create(self, request: Request[Any, Any, Any], services: Services, data: SessionCreate) -> Response[Session]:
+    def create(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[SessionCreate],
+    ) -> Response[Session]:
         """Start a session for one of the caller's personas; a worker picks it up."""
         owner = caller_of(request).owner
         session_id = start_session(
@@ -120,17 +123,17 @@ class AcademyController(Controller):
         return with_etag(session, session.version, HTTP_201_CREATED, {"Location": f"/academy/sessions/{session.id}"})
 
     @get("/{session_id:str}", operation_id="getAcademySession", sync_to_thread=False)
-    def read(self, request: Request[Any, Any, Any], services: Services, session_id: str) -> Response[Session]:
+    def read(self, request: Request[Any, Any, Any], services: NamedDependency[Services], session_id: FromPath[str]) -> Response[Session]:
         """One session: status, plan, counts, training step and loss, layers produced."""
         session = self._session(request, services, session_id)
         return with_etag(session, session.version)
 
     @get("/", operation_id="listAcademySessions", sync_to_thread=False)
     def list(
-        self, request: Request[Any, Any, Any], services: Services,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
-        cursor: str | None = None,
-        status: SessionStatus | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services],
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+        cursor: FromQuery[str | None] = None,
+        status: FromQuery[SessionStatus | None] = None,
     ) -> Page:
         """The caller's sessions, oldest first, a page at a time."""
         where = [TABLE.c.owner == caller_of(request).owner]
@@ -140,7 +143,7 @@ class AcademyController(Controller):
         return Page([_from_row(row) for row in rows], next_cursor)
 
     @post("/{session_id:str}/cancel", operation_id="cancelAcademySession", status_code=200, sync_to_thread=False)
-    def cancel(self, request: Request[Any, Any, Any], services: Services, session_id: str) -> Response[Session]:
+    def cancel(self, request: Request[Any, Any, Any], services: NamedDependency[Services], session_id: FromPath[str]) -> Response[Session]:
         """Cancel a pending or running session (its worker stops within seconds); 409 once finished."""
         owner = caller_of(request).owner
         row = visible_row(services, TABLE, "session_id", session_id, caller_of(request), "academy_session",
@@ -157,8 +160,9 @@ class AcademyController(Controller):
 
     @post("/{session_id:str}/challenges", operation_id="createAcademyChallenge", status_code=HTTP_201_CREATED)
     async def challenge(
-        self, request: Request[Any, Any, Any], services: Services, academy_engine: SharedEngine, session_id: str,
-        data: ChallengeCreate,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services],
+        academy_engine: NamedDependency[SharedEngine], session_id: FromPath[str],
+        data: JSONBody[ChallengeCreate],
     ) -> ChallengeView:
         """A challenge the model writes for this session's goal, of the trait type and difficulty asked."""
         owner = await asyncio.to_thread(self._owned, request, services, session_id)
@@ -170,8 +174,9 @@ class AcademyController(Controller):
     @post("/{session_id:str}/challenges/{challenge_id:str}/responses", operation_id="scoreAcademyResponse",
           status_code=HTTP_201_CREATED)
     async def response(
-        self, request: Request[Any, Any, Any], services: Services, academy_engine: SharedEngine, session_id: str,
-        challenge_id: str, data: ResponseCreate,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services],
+        academy_engine: NamedDependency[SharedEngine], session_id: FromPath[str],
+        challenge_id: FromPath[str], data: JSONBody[ResponseCreate],
     ) -> Score:
         """Judge an answer to a challenge: a score 0-100 with its rationale (one response per challenge)."""
         owner = await asyncio.to_thread(self._owned, request, services, session_id)
@@ -182,7 +187,9 @@ class AcademyController(Controller):
 
     # The handler's media type is the stream's; the JSON answer names its own (as chat does).
     @get("/{session_id:str}/events", operation_id="academySessionEvents", media_type=SSE, sync_to_thread=False)
-    def events(self, request: Request[Any, Any, Any], services: Services, session_id: str) -> Response[list[EventView]]:
+    def events(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], session_id: FromPath[str],
+    ) -> Response[list[EventView]]:
         """The session's history as JSON; with `Accept: text/event-stream`, history then live events until it ends."""
         visible_row(services, TABLE, "session_id", session_id, caller_of(request), "academy_session",
                     archived_column=None)

@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.spec import OpenAPI
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 from prometheus_client.registry import Collector
@@ -133,7 +134,8 @@ class ChatController(Controller):
     # plain Response keeps the JSON type it is given. `document_chat` documents both.
     @post("/personas/{persona_id:str}/chat", operation_id="chat", status_code=HTTP_200_OK, media_type=SSE)
     async def chat(
-        self, request: Request[Any, Any, Any], services: Services, chat: ChatRuntime, persona_id: str, data: ChatCreate,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], chat: NamedDependency[ChatRuntime],
+        persona_id: FromPath[str], data: JSONBody[ChatCreate],
     ) -> Response[ChatAnswer]:
         """Ask the persona: a JSON answer, or with `stream` SSE `token` events then `done` (citations, usage, finish)."""
         turn = turn_request(services.settings, persona_id, caller_of(request).owner, data)
@@ -145,8 +147,8 @@ class ChatController(Controller):
 
     @get("/personas/{persona_id:str}/conversations", operation_id="listConversations", sync_to_thread=False)
     def list(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: str,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50, cursor: str | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50, cursor: FromQuery[str | None] = None,
     ) -> Page:
         """The caller's conversations with the persona, oldest first, a page at a time."""
         caller = caller_of(request)
@@ -158,7 +160,9 @@ class ChatController(Controller):
                                          r["created_at"], r["updated_at"]) for r in rows], next_cursor)
 
     @get("/conversations/{conversation_id:str}", operation_id="getConversation", sync_to_thread=False)
-    def read(self, request: Request[Any, Any, Any], services: Services, conversation_id: str) -> ConversationDetail:
+    def read(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], conversation_id: FromPath[str],
+    ) -> ConversationDetail:
         """One conversation and every message, with how each reply was generated."""
         with services.database.read() as connection:
             row = visible_row(services, CONVERSATIONS, "conversation_id", conversation_id, caller_of(request),

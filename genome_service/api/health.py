@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 from litestar.exceptions import ServiceUnavailableException
 from litestar.status_codes import HTTP_200_OK
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,7 +32,7 @@ class HealthController(Controller):
         return Health("ok")
 
     @get("/ready", operation_id="ready", sync_to_thread=False)
-    def ready(self, services: Services) -> Response[Readiness]:
+    def ready(self, services: NamedDependency[Services]) -> Response[Readiness]:
         """The database answers; reports how far the read models trail the log (503 when it does not answer)."""
         try:
             with services.database.read() as connection:

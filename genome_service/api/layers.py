@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import (
     ClientException,
@@ -17,7 +18,7 @@ from litestar.exceptions import (
     PermissionDeniedException,
 )
 from litestar.handlers import BaseRouteHandler
-from litestar.params import Body, Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, MultipartBody, QueryParameter
 from litestar.status_codes import (
     HTTP_201_CREATED,
     HTTP_204_NO_CONTENT,
@@ -104,8 +105,8 @@ def _tag_filter(services: Services, tag: str) -> sa.ColumnElement[bool]:
 
 
 def _upload(
-    self: Controller, request: Request[Any, Any, Any], services: Services,
-    data: Annotated[dict[str, Any], Body(media_type=RequestEncodingType.MULTI_PART)],
+    self: Controller, request: Request[Any, Any, Any], services: NamedDependency[Services],
+    data: MultipartBody[dict[str, Any]],
 ) -> Response[Layer]:
     """Register a layer: a `metadata` JSON part plus the adapter files (mlx-lm or PEFT layout)."""
     raw_metadata = data.pop("metadata", None)
@@ -159,22 +160,22 @@ class LayerController(Controller):
     tags = ["layers"]
 
     @get("/{layer_id:str}", operation_id="getLayer", sync_to_thread=False)
-    def read(self, request: Request[Any, Any, Any], services: Services, layer_id: str) -> Response[Layer]:
+    def read(self, request: Request[Any, Any, Any], services: NamedDependency[Services], layer_id: FromPath[str]) -> Response[Layer]:
         """One layer (the caller's own, or a public one)."""
         row = _readable(services, layer_id, caller_of(request))
         return with_etag(_from_row(row), row["version"])
 
     @get("/", operation_id="listLayers", sync_to_thread=False)
     def list(
-        self, request: Request[Any, Any, Any], services: Services,
-        trait_type: domain.TraitType | None = None,
-        tag: str | None = None,
-        base_model: str | None = None,
-        creator: str | None = None,
-        public: bool | None = None,
-        deprecated: bool = False,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
-        cursor: str | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services],
+        trait_type: FromQuery[domain.TraitType | None] = None,
+        tag: FromQuery[str | None] = None,
+        base_model: FromQuery[str | None] = None,
+        creator: FromQuery[str | None] = None,
+        public: FromQuery[bool | None] = None,
+        deprecated: FromQuery[bool] = False,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+        cursor: FromQuery[str | None] = None,
     ) -> Page:
         """Layers the caller may see (its own and public ones), filtered, a page at a time."""
         caller = caller_of(request)
@@ -189,8 +190,8 @@ class LayerController(Controller):
 
     @get("/{layer_id:str}/adapter", operation_id="downloadAdapter", sync_to_thread=True, media_type="application/octet-stream")
     def download(
-        self, request: Request[Any, Any, Any], services: Services, layer_id: str,
-        file: Annotated[Literal["weights", "config"], Parameter(description="Which file of the adapter.")] = "weights",
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], layer_id: FromPath[str],
+        file: Annotated[Literal["weights", "config"], QueryParameter(description="Which file of the adapter.")] = "weights",
     ) -> Response[bytes]:
         """The adapter file exactly as uploaded, as a download (weights or config)."""
         row = _readable(services, layer_id, caller_of(request))
@@ -198,18 +199,24 @@ class LayerController(Controller):
         return Response(content, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @patch("/{layer_id:str}", operation_id="updateLayer", sync_to_thread=False)
-    def update(self, request: Request[Any, Any, Any], services: Services, layer_id: str, data: LayerUpdate) -> Response[Layer]:
+    def update(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], layer_id: FromPath[str],
+        data: JSONBody[LayerUpdate],
+    ) -> Response[Layer]:
         """Change description, tags, license or sharing; honours If-Match."""
         tags = tuple(data.tags) if data.tags is not None else None
         return self._execute(request, services, layer_id, domain.ChangeLayerDetails(data.description, tags, data.public, data.license))
 
     @delete("/{layer_id:str}", operation_id="deprecateLayer", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
-    def deprecate(self, request: Request[Any, Any, Any], services: Services, layer_id: str, reason: str = "") -> None:
+    def deprecate(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], layer_id: FromPath[str],
+        reason: FromQuery[str] = "",
+    ) -> None:
         """Deprecate: genomes that hold it keep it, but it can no longer be attached."""
         self._execute(request, services, layer_id, domain.DeprecateLayer(reason))
 
     @get("/{layer_id:str}/events", operation_id="layerEvents", sync_to_thread=False)
-    def events(self, request: Request[Any, Any, Any], services: Services, layer_id: str) -> list[EventView]:
+    def events(self, request: Request[Any, Any, Any], services: NamedDependency[Services], layer_id: FromPath[str]) -> list[EventView]:
         """The layer's whole history, oldest first."""
         _readable(services, layer_id, caller_of(request))
         return event_views(services.store.read_stream(layer_id))

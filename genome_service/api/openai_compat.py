@@ -15,6 +15,8 @@ from typing import Any, Literal
 import msgspec
 import sqlalchemy as sa
 from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
@@ -124,7 +126,8 @@ class OpenAIController(Controller):
     # Stream media type on the handler, JSON on the plain answer: see api/chat.py.
     @post("/chat/completions", operation_id="createChatCompletion", status_code=HTTP_200_OK, media_type=SSE)
     async def completions(
-        self, request: Request[Any, Any, Any], services: Services, chat: ChatRuntime, data: CompletionCreate,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], chat: NamedDependency[ChatRuntime],
+        data: JSONBody[CompletionCreate],
     ) -> Response[Completion]:
         """A persona's reply in OpenAI's chat completion format; `model` is the persona's id or name."""
         if data.n != 1:
@@ -152,7 +155,7 @@ class OpenAIController(Controller):
         return Response(completion, media_type=MediaType.JSON)
 
     @get("/models", operation_id="listModels", sync_to_thread=False)
-    def models(self, request: Request[Any, Any, Any], services: Services) -> ModelList:
+    def models(self, request: Request[Any, Any, Any], services: NamedDependency[Services]) -> ModelList:
         """The caller's personas, each a model for /v1/chat/completions."""
         owner = caller_of(request).owner
         statement = (sa.select(PERSONAS.c.persona_id, PERSONAS.c.name, PERSONAS.c.created_at)

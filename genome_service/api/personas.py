@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_410_GONE
 
 from genome_service.api.conventions import Page, command_metadata, expected_version
@@ -92,7 +93,9 @@ class PersonaController(Controller):
     tags = ["personas"]
 
     @post("/", operation_id="createPersona", status_code=HTTP_201_CREATED, sync_to_thread=False)
-    def create(self, request: Request[Any, Any, Any], services: Services, data: PersonaCreate) -> Response[Persona]:
+    def create(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[PersonaCreate],
+    ) -> Response[Persona]:
         """Create a persona owned by the caller."""
         owner = caller_of(request).owner
         outcome = create_stream(
@@ -103,7 +106,7 @@ class PersonaController(Controller):
         return with_etag(persona, persona.version, HTTP_201_CREATED, {"Location": f"/personas/{persona.id}"})
 
     @get("/{persona_id:str}", operation_id="getPersona", sync_to_thread=False)
-    def read(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> Response[Persona]:
+    def read(self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str]) -> Response[Persona]:
         """One persona; 410 once archived or erased."""
         row = visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)
         _not_erased(row)
@@ -113,10 +116,10 @@ class PersonaController(Controller):
 
     @get("/", operation_id="listPersonas", sync_to_thread=False)
     def list(
-        self, request: Request[Any, Any, Any], services: Services,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
-        cursor: str | None = None,
-        archived: bool = False,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services],
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+        cursor: FromQuery[str | None] = None,
+        archived: FromQuery[bool] = False,
     ) -> Page:
         """The caller's personas, oldest first, a page at a time."""
         where = [TABLE.c.owner == caller_of(request).owner, TABLE.c.archived == archived]
@@ -124,13 +127,19 @@ class PersonaController(Controller):
         return Page([_from_row(row) for row in rows], next_cursor)
 
     @patch("/{persona_id:str}", operation_id="updatePersona", sync_to_thread=False)
-    def update(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: PersonaUpdate) -> Response[Persona]:
+    def update(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        data: JSONBody[PersonaUpdate],
+    ) -> Response[Persona]:
         """Change name, description or system prompt; honours If-Match."""
         command = domain.ChangePersonaProfile(data.name, data.description, data.system_prompt)
         return self._execute(request, services, persona_id, command)
 
     @put("/{persona_id:str}/genome", operation_id="assignGenome", sync_to_thread=False)
-    def assign_genome(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: GenomeAssignment) -> Response[Persona]:
+    def assign_genome(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        data: JSONBody[GenomeAssignment],
+    ) -> Response[Persona]:
         """Make one of the persona's genomes the one it speaks with."""
         owner = caller_of(request).owner
         genome = services.repository.load(GENOME, data.genome_id).state
@@ -142,8 +151,8 @@ class PersonaController(Controller):
     # In a thread: an erasure also scrubs the database's old pages and saves the search index.
     @delete("/{persona_id:str}", operation_id="archivePersona", status_code=HTTP_204_NO_CONTENT, sync_to_thread=True)
     def archive(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: str,
-        erase: Annotated[bool, Parameter(description=(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        erase: Annotated[bool, QueryParameter(description=(
             "true: also erase the persona's knowledge and conversations for good (its data key is destroyed); "
             "afterwards the persona answers 410 persona_erased"
         ))] = False,
@@ -162,7 +171,7 @@ class PersonaController(Controller):
             raise
 
     @get("/{persona_id:str}/events", operation_id="personaEvents", sync_to_thread=False)
-    def events(self, request: Request[Any, Any, Any], services: Services, persona_id: str) -> list[EventView]:
+    def events(self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str]) -> list[EventView]:
         """The persona's whole history, oldest first."""
         visible_row(services, TABLE, "persona_id", persona_id, caller_of(request), "persona", archived_column=None)
         return event_views(services.store.read_stream(persona_id))

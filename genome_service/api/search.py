@@ -17,9 +17,9 @@ import msgspec
 import numpy as np
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.enums import RequestEncodingType
+from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
-from litestar.params import Body, Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, MultipartBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from litestar.types import Empty
 
@@ -126,8 +126,8 @@ class LayerSearchController(Controller):
 
     @get("/", operation_id="searchLayersByText", sync_to_thread=True)
     def by_text(
-        self, request: Request[Any, Any, Any], services: Services, q: str, k: int = 10,
-        trait_type: TraitType | None = None, base_model: str | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], q: FromQuery[str], k: FromQuery[int] = 10,
+        trait_type: FromQuery[TraitType | None] = None, base_model: FromQuery[str | None] = None,
     ) -> LayerMatches:
         """Layers the caller may see, most similar to the text `q` first (cosine scores)."""
         services.search.check_k(k, services.settings.search_max_k)
@@ -137,7 +137,7 @@ class LayerSearchController(Controller):
         return _layer_matches(services, caller_of(request), query, k, filters)
 
     @post("/", operation_id="searchLayers", status_code=200, sync_to_thread=True, request_class=LenientJSONRequest)
-    def search(self, request: Request[Any, Any, Any], services: Services, data: LayerSearch) -> LayerMatches:
+    def search(self, request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[LayerSearch]) -> LayerMatches:
         """Layers most similar to a text, a vector, or another layer (`like_layer_id`, itself left out)."""
         search, caller = services.search, caller_of(request)
         given = [name for name in ("text", "vector", "like_layer_id") if getattr(data, name) is not None]
@@ -182,7 +182,10 @@ class KnowledgeController(Controller):
     tags = ["knowledge"]
 
     @post("/", operation_id="addKnowledge", status_code=HTTP_201_CREATED, sync_to_thread=True)
-    def add(self, request: Request[Any, Any, Any], services: Services, persona_id: str, data: KnowledgeCreate) -> Response[KnowledgeDocument]:
+    def add(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        data: JSONBody[KnowledgeCreate],
+    ) -> Response[KnowledgeDocument]:
         """Add a text to the persona's knowledge: chunked with overlap, searchable at once."""
         _persona(services, request, persona_id)
         owner = caller_of(request).owner
@@ -191,8 +194,8 @@ class KnowledgeController(Controller):
 
     @post("/documents", operation_id="uploadKnowledge", status_code=HTTP_201_CREATED, sync_to_thread=True)
     def upload(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: str,
-        data: Annotated[dict[str, Any], Body(media_type=RequestEncodingType.MULTI_PART)],
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        data: MultipartBody[dict[str, Any]],
     ) -> list[KnowledgeDocument]:
         """Upload text or markdown files (UTF-8), each one document of the persona's knowledge."""
         _persona(services, request, persona_id)
@@ -210,8 +213,8 @@ class KnowledgeController(Controller):
 
     @get("/", operation_id="listKnowledge", sync_to_thread=False)
     def list(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: str,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50, cursor: str | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50, cursor: FromQuery[str | None] = None,
     ) -> Page:
         """The persona's knowledge documents, oldest first, a page at a time."""
         _persona(services, request, persona_id)
@@ -220,7 +223,10 @@ class KnowledgeController(Controller):
         return Page(_documents(services, persona_id, rows), next_cursor)
 
     @delete("/{knowledge_id:str}", operation_id="removeKnowledge", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
-    def remove(self, request: Request[Any, Any, Any], services: Services, persona_id: str, knowledge_id: str) -> None:
+    def remove(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        knowledge_id: FromPath[str],
+    ) -> None:
         """Remove a document: its chunks leave search results at once."""
         _persona(services, request, persona_id)
         with services.database.read() as connection:
@@ -232,8 +238,9 @@ class KnowledgeController(Controller):
 
     @get("/search", operation_id="searchKnowledge", sync_to_thread=True)
     def search(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: str, q: str, k: int = 5,
-        max_tokens: int | None = None, mmr: float | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], persona_id: FromPath[str],
+        q: FromQuery[str], k: FromQuery[int] = 5,
+        max_tokens: FromQuery[int | None] = None, mmr: FromQuery[float | None] = None,
     ) -> list[KnowledgePassage]:
         """The persona's chunks most relevant to `q`: top k, within `max_tokens`, diversified by MMR (`mmr` = lambda)."""
         _persona(services, request, persona_id)
