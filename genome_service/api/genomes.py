@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import msgspec
 import sqlalchemy as sa
 from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.engine import Connection
 
@@ -166,7 +167,9 @@ class GenomeController(Controller):
     tags = ["genomes"]
 
     @post("/", operation_id="createGenome", status_code=HTTP_201_CREATED, sync_to_thread=False)
-    def create(self, request: Request[Any, Any, Any], services: Services, data: GenomeCreate) -> Response[Genome]:
+    def create(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[GenomeCreate],
+    ) -> Response[Genome]:
         """Create an empty genome for one of the caller's personas."""
         caller = caller_of(request)
         _own_persona(services, data.persona_id, caller)
@@ -179,9 +182,9 @@ class GenomeController(Controller):
 
     @get("/{genome_id:str}", operation_id="getGenome", sync_to_thread=False)
     def read(
-        self, request: Request[Any, Any, Any], services: Services, genome_id: str,
-        version: Annotated[int | None, Parameter(ge=1, le=MAX_VERSION, description="Replay the stream up to this version.")] = None,
-        as_of: Annotated[datetime | None, Parameter(description="Replay the stream as it was at this time (ISO 8601).")] = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str],
+        version: Annotated[int | None, QueryParameter(ge=1, le=MAX_VERSION, description="Replay the stream up to this version.")] = None,
+        as_of: Annotated[datetime | None, QueryParameter(description="Replay the stream as it was at this time (ISO 8601).")] = None,
     ) -> Response[Genome]:
         """One genome now, or as it was at a version or a time; 410 once archived."""
         caller = caller_of(request)
@@ -204,13 +207,13 @@ class GenomeController(Controller):
 
     @get("/", operation_id="listGenomes", sync_to_thread=False)
     def list(
-        self, request: Request[Any, Any, Any], services: Services,
-        persona_id: str | None = None,
-        base_model: str | None = None,
-        layer_id: Annotated[str | None, Parameter(description="Only genomes whose stack holds this layer.")] = None,
-        archived: bool = False,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
-        cursor: str | None = None,
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services],
+        persona_id: FromQuery[str | None] = None,
+        base_model: FromQuery[str | None] = None,
+        layer_id: Annotated[str | None, QueryParameter(description="Only genomes whose stack holds this layer.")] = None,
+        archived: FromQuery[bool] = False,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+        cursor: FromQuery[str | None] = None,
     ) -> Page:
         """The caller's genomes, oldest first, filtered, a page at a time."""
         owner = caller_of(request).owner
@@ -230,12 +233,18 @@ class GenomeController(Controller):
         return services.database.read_through(("genomes", owner, persona_id, base_model, layer_id, archived, limit, cursor), load)
 
     @patch("/{genome_id:str}", operation_id="updateGenome", sync_to_thread=False)
-    def update(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: GenomeUpdate) -> Response[Genome]:
+    def update(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str],
+        data: JSONBody[GenomeUpdate],
+    ) -> Response[Genome]:
         """Rename or describe; honours If-Match."""
         return self._execute(request, services, genome_id, domain.ChangeGenomeDetails(data.name, data.description))
 
     @put("/{genome_id:str}/layers", operation_id="replaceLayerStack", sync_to_thread=False)
-    def replace_layers(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: LayerStack) -> Response[Genome]:
+    def replace_layers(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str],
+        data: JSONBody[LayerStack],
+    ) -> Response[Genome]:
         """Set the whole ordered, weighted stack (index 0 at the bottom) in one atomic change."""
         caller = caller_of(request)
         visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", archived_column=None)
@@ -243,7 +252,10 @@ class GenomeController(Controller):
         return self._execute(request, services, genome_id, domain.ReplaceLayerStack(stack))
 
     @post("/{genome_id:str}/layers", operation_id="attachLayer", status_code=200, sync_to_thread=False)
-    def attach_layer(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: LayerAttachment) -> Response[Genome]:
+    def attach_layer(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str],
+        data: JSONBody[LayerAttachment],
+    ) -> Response[Genome]:
         """Attach a layer with a weight, on top or at a position."""
         caller = caller_of(request)
         visible_row(services, TABLE, "genome_id", genome_id, caller, "genome", archived_column=None)
@@ -251,17 +263,23 @@ class GenomeController(Controller):
         return self._execute(request, services, genome_id, domain.AttachLayer(facts, data.weight, data.position))
 
     @delete("/{genome_id:str}/layers/{layer_id:str}", operation_id="detachLayer", status_code=200, sync_to_thread=False)
-    def detach_layer(self, request: Request[Any, Any, Any], services: Services, genome_id: str, layer_id: str) -> Response[Genome]:
+    def detach_layer(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str],
+        layer_id: FromPath[str],
+    ) -> Response[Genome]:
         """Take a layer off the stack."""
         return self._execute(request, services, genome_id, domain.DetachLayer(layer_id))
 
     @delete("/{genome_id:str}", operation_id="archiveGenome", status_code=HTTP_204_NO_CONTENT, sync_to_thread=False)
-    def archive(self, request: Request[Any, Any, Any], services: Services, genome_id: str) -> None:
+    def archive(self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str]) -> None:
         """Archive: the genome stops changing, GET answers 410, its history stays."""
         self._execute(request, services, genome_id, domain.ArchiveGenome())
 
     @post("/{genome_id:str}/fork", operation_id="forkGenome", status_code=HTTP_201_CREATED, sync_to_thread=False)
-    def fork(self, request: Request[Any, Any, Any], services: Services, genome_id: str, data: GenomeFork) -> Response[Genome]:
+    def fork(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str],
+        data: JSONBody[GenomeFork],
+    ) -> Response[Genome]:
         """A new genome that starts from this one's stack (and other parents', first occurrence wins)."""
         caller = caller_of(request)
         parents = tuple(_visible_genome(services, pid, caller) for pid in (genome_id, *data.other_parent_ids))
@@ -275,7 +293,7 @@ class GenomeController(Controller):
         return with_etag(genome, genome.version, HTTP_201_CREATED, {"Location": f"/genomes/{genome.id}"})
 
     @get("/{genome_id:str}/events", operation_id="genomeEvents", sync_to_thread=False)
-    def events(self, request: Request[Any, Any, Any], services: Services, genome_id: str) -> list[EventView]:
+    def events(self, request: Request[Any, Any, Any], services: NamedDependency[Services], genome_id: FromPath[str]) -> list[EventView]:
         """The genome's whole history, oldest first."""
         visible_row(services, TABLE, "genome_id", genome_id, caller_of(request), "genome", archived_column=None)
         return event_views(services.store.read_stream(genome_id))
