@@ -178,15 +178,20 @@ class LayerController(Controller):
         cursor: FromQuery[str | None] = None,
     ) -> Page:
         """Layers the caller may see (its own and public ones), filtered, a page at a time."""
-        caller = caller_of(request)
-        where = [sa.or_(TABLE.c.owner == caller.owner, TABLE.c.public.is_(True)), TABLE.c.deprecated == deprecated]
-        for column, value in (("trait_type", trait_type and trait_type.value), ("base_model", base_model), ("creator", creator), ("public", public)):
-            if value is not None:
-                where.append(TABLE.c[column] == value)
-        if tag is not None:
-            where.append(_tag_filter(services, tag.strip().lower()))
-        rows, next_cursor = page(services, TABLE, "layer_id", where, cursor, limit)
-        return Page([_from_row(row) for row in rows], next_cursor)
+        owner = caller_of(request).owner
+
+        def load(_connection: object) -> Page:
+            where = [sa.or_(TABLE.c.owner == owner, TABLE.c.public.is_(True)), TABLE.c.deprecated == deprecated]
+            for column, value in (("trait_type", trait_type and trait_type.value), ("base_model", base_model), ("creator", creator), ("public", public)):
+                if value is not None:
+                    where.append(TABLE.c[column] == value)
+            if tag is not None:
+                where.append(_tag_filter(services, tag.strip().lower()))
+            rows, next_cursor = page(services, TABLE, "layer_id", where, cursor, limit)
+            return Page([_from_row(row) for row in rows], next_cursor)
+
+        key = ("layers", owner, trait_type, tag, base_model, creator, public, deprecated, limit, cursor)
+        return services.database.read_through(key, load)
 
     @get("/{layer_id:str}/adapter", operation_id="downloadAdapter", sync_to_thread=True, media_type="application/octet-stream")
     def download(

@@ -122,9 +122,14 @@ class PersonaController(Controller):
         archived: FromQuery[bool] = False,
     ) -> Page:
         """The caller's personas, oldest first, a page at a time."""
-        where = [TABLE.c.owner == caller_of(request).owner, TABLE.c.archived == archived]
-        rows, next_cursor = page(services, TABLE, "persona_id", where, cursor, limit)
-        return Page([_from_row(row) for row in rows], next_cursor)
+        owner = caller_of(request).owner
+
+        def load(_connection: object) -> Page:
+            where = [TABLE.c.owner == owner, TABLE.c.archived == archived]
+            rows, next_cursor = page(services, TABLE, "persona_id", where, cursor, limit)
+            return Page([_from_row(row) for row in rows], next_cursor)
+
+        return services.database.read_through(("personas", owner, archived, limit, cursor), load)
 
     @patch("/{persona_id:str}", operation_id="updatePersona", sync_to_thread=False)
     def update(

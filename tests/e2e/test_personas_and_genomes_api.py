@@ -127,6 +127,10 @@ def test_two_servers_on_one_database_never_serve_a_row_the_other_changed(start_s
             assert (seen.json()["name"], seen.headers["etag"]) == (f"name {n}", f'"{n + 1}"')
             assert [g["name"] for g in reader.get("/genomes").json()["items"]] == [f"name {n}"]
             assert reader.get(f"/personas/{persona['id']}").json()["name"] == "Ada"
+            assert [p["name"] for p in reader.get("/personas").json()["items"]] == ["Ada"]
+        renamed = writer.patch(f"/personas/{persona['id']}", json={"name": "Ada L."})
+        assert renamed.status_code == 200, renamed.text
+        assert [p["name"] for p in reader.get("/personas").json()["items"]] == ["Ada L."]
         assert writer.delete(path).status_code == 204
         assert reader.get(path).status_code == 410
 
