@@ -23,7 +23,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     # Seconds a writer waits for SQLite's write lock before failing.
     sqlite_busy_timeout: float = 30.0
-    # SQLite: serve a GET by id from memory until any process commits (eventstore/changes.py).
+    # SQLite: serve GETs by id, list pages and API-key lookups from memory until any process
+    # commits (eventstore/changes.py).
     # Writers always signal their commits, so servers with and without it can share a file.
     read_cache: bool = True
     # A snapshot is written whenever a stream's version crosses a multiple of this.

@@ -48,9 +48,10 @@ def normalise_url(url: str) -> str:
 
 
 def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL; None for an in-memory database."""
-    name = sa.engine.make_url(url).database
-    if not name or name == ":memory:" or name.startswith("file:"):
+    """The file of a SQLite URL; None for an in-memory database or another kind of database."""
+    parsed = sa.engine.make_url(url)
+    name = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not name or name == ":memory:" or name.startswith("file:"):
         return None
     return Path(name)
 

@@ -34,8 +34,7 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 def _changed(url: str) -> None:
     # Migrations write outside Database.write(): servers on this file must not serve rows cached before.
-    url = normalise_url(url)
-    if url.startswith("sqlite") and (path := sqlite_file(url)) is not None:
+    if (path := sqlite_file(normalise_url(url))) is not None:
         ChangeToken(path).replace()
 
 

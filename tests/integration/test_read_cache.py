@@ -44,7 +44,7 @@ def test_a_value_is_read_once_until_a_write_commits(services: Services) -> None:
     assert load.calls == 2
 
 
-def test_a_write_in_another_process_is_seen_at_once(sqlite_url: str, tmp_path: Path) -> None:
+def test_a_write_in_another_process_is_seen_at_once(sqlite_url: str) -> None:
     database = Database(sqlite_url)
     load = CountingLoader(COUNT_KEYS)
     try:
@@ -106,6 +106,7 @@ def test_an_in_memory_database_has_no_file_for_a_token(url: str) -> None:
 
 def test_a_file_database_has_its_token_beside_it(tmp_path: Path) -> None:
     assert sqlite_file(f"sqlite:///{tmp_path / 'genome.db'}") == tmp_path / "genome.db"
+    assert sqlite_file("postgresql+psycopg://postgres@127.0.0.1/test") is None
     assert ChangeToken(tmp_path / "genome.db").path == tmp_path / "genome.db-changes"
 
 
