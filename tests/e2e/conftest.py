@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -26,6 +28,13 @@ def free_port() -> int:
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENOME_")}
     return env | {"GENOME_DATA_DIR": str(tmp_path / "data"), **extra}
+
+
+def _drain(stream: IO[str], log: Path) -> None:
+    with log.open("a") as out:
+        for line in stream:
+            out.write(line)
+            out.flush()
 
 
 class Server:
@@ -60,8 +69,12 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         process = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
         processes.append(process)
         assert process.stderr is not None
+        log = tmp_path / f"server-{port}.log"
         for line in process.stderr:  # uvicorn says when it accepts connections
             if "Uvicorn running on" in line:
+                # Keep reading: a server that logs a lot later (a fuzzed request's errors) must
+                # never block on a full pipe. What it writes lands in a file for failing tests.
+                threading.Thread(target=_drain, args=(process.stderr, log), daemon=True).start()
                 return Server(f"http://127.0.0.1:{port}", env, process)
         pytest.fail(f"server exited with {process.wait()}")
 

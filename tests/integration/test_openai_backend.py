@@ -7,11 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -43,7 +45,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_healthy(server: subprocess.Popen[bytes], url: str) -> None:
+def wait_until_healthy(server: subprocess.Popen[bytes], url: str, log: IO[bytes]) -> None:
     """Poll /health; waiting on the process between tries also notices a server that died."""
     for _ in range(int(STARTUP_SECONDS / POLL_SECONDS)):
         try:
@@ -56,8 +58,7 @@ def wait_until_healthy(server: subprocess.Popen[bytes], url: str) -> None:
             code = server.wait(timeout=POLL_SECONDS)
         except subprocess.TimeoutExpired:
             continue
-        output = server.stdout.read().decode(errors="replace") if server.stdout else ""
-        raise RuntimeError(f"mlx_lm.server exited with {code} before it was healthy:\n{output[-3000:]}")
+        raise RuntimeError(f"mlx_lm.server exited with {code} before it was healthy:\n{_tail(log)}")
     raise RuntimeError(f"mlx_lm.server not healthy at {url} after {STARTUP_SECONDS} s")
 
 
@@ -67,13 +68,21 @@ def serving(model: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
-    try:
-        wait_until_healthy(server, f"http://127.0.0.1:{port}/health")
-        yield server, f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.kill()
-        server.wait(timeout=30)
+    # Its log goes to a file, never a pipe nobody reads: a server that logs every request
+    # would block once the pipe is full.
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            wait_until_healthy(server, f"http://127.0.0.1:{port}/health", log)
+            yield server, f"http://127.0.0.1:{port}/v1"
+        finally:
+            server.kill()
+            server.wait(timeout=30)
+
+
+def _tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -224,5 +233,13 @@ def test_adapter_files_hold_the_stack_exactly_at_scale_one(tiny_model: Path, pro
     assert (info.rank, info.scale) == (12, 1.0)  # q_proj of block 1 carries 4 + 8
     assert json.loads(files[CONFIG_FILE])  # a config the server can read
     for key, (a, b) in to_canonical(files, info).items():
-        # Modules of rank 4 are zero-padded to 12: the product B A is unchanged.
-        np.testing.assert_array_equal(b @ a, stack.modules[key][1] @ stack.modules[key][0])
+        # Modules of rank 4 are zero-padded to 12: the stored factors are the stack's, then
+        # zeros, so the product B A is unchanged. The factors are exact; the products are
+        # computed (BLAS may sum in another order), so they are compared within a tolerance
+        # that a wrong scale would still break.
+        stack_a, stack_b = stack.modules[key]
+        rank = stack_a.shape[0]
+        np.testing.assert_array_equal(a[:rank], stack_a)
+        np.testing.assert_array_equal(b[:, :rank], stack_b)
+        assert not a[rank:].any() and not b[:, rank:].any()
+        np.testing.assert_allclose(b @ a, stack_b @ stack_a, rtol=1e-5, atol=1e-7)
