@@ -511,7 +511,7 @@ def academy_run(
     plot: Annotated[Optional[Path], typer.Option(help="Where to write the loss curve PNG (default: data dir).")] = None,  # noqa: UP045
 ) -> None:
     """Start a session for a persona and run it here, with a progress bar and a loss plot at the end."""
-    from genome_service.academy.sessions import loss_curve, start_session
+    from genome_service.services.academy_sessions import loss_curve, start_session
 
     context: Context = ctx.obj
     with context.services() as services:
@@ -534,6 +534,7 @@ def _run_with_progress(context: Context, services: Services, runner, session_id:
     import threading
 
     from genome_service.domain.academy import ACADEMY_SESSION, ChangeSessionStatus, SessionStatus
+    from genome_service.domain.common import DomainError
 
     finished: list = []
     thread = threading.Thread(target=lambda: finished.append(runner.run(session_id)), daemon=True)
@@ -545,7 +546,10 @@ def _run_with_progress(context: Context, services: Services, runner, session_id:
                 advance(sum(step for _, step in state.trained_steps), state.budget_steps)
                 thread.join(timeout=0.5)
     except KeyboardInterrupt:
-        services.commands.execute(ACADEMY_SESSION, session_id, ChangeSessionStatus(SessionStatus.CANCELLED, "interrupted"))
+        try:
+            services.commands.execute(ACADEMY_SESSION, session_id, ChangeSessionStatus(SessionStatus.CANCELLED, "interrupted"))
+        except DomainError:
+            pass  # it finished meanwhile: that status stands
         thread.join()
     return finished[0] if finished else services.repository.load(ACADEMY_SESSION, session_id).state
 

@@ -67,7 +67,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Requests waiting for the model beyond this are refused; seconds one request may take.
     inference_queue_size: int = 64
     inference_timeout: float = 300.0
-    # RAG: layer search and persona knowledge (``rag/``, ``genome_service/services/search.py``).
+    # RAG: layer search and persona knowledge (``rag/``, ``genome_service/services/indexes.py``).
     # Where the FAISS indexes are saved with their log position; default: ``data_dir/index``.
     index_dir: Path | None = None
     # Below this many vectors an index is exact (flat); at it, HNSW.

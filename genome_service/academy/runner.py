@@ -49,9 +49,9 @@ from genome_service.domain.common import DomainError
 from genome_service.domain.genome import GENOME, AttachLayer, LayerFacts
 from genome_service.domain.layer import LAYER, RecordTrainingMetrics, TraitType, TrainingMetrics
 from genome_service.eventstore.records import EventMetadata
-from genome_service.projections.queries import get_row
-from genome_service.projections.tables import AcademySessionRow, GenomeRow, PersonaRow
+from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services
+from genome_service.services.genomes import Genomes
 from genome_service.services.layers import LayerDetails, register_layer
 from genome_service.services.stacks import StackResolver
 from genome_service.settings import Settings
@@ -59,9 +59,6 @@ from inference.backends.base import Backend, ChatMessage, Sampling, never_cancel
 from inference.training import Example, TrainingConfig, data_sha256, train_lora
 from inference.training_mlx import train_lora_mlx
 
-SESSIONS = AcademySessionRow.__table__  # type: ignore[attr-defined]
-PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
-GENOMES = GenomeRow.__table__  # type: ignore[attr-defined]
 DEFAULT_SYSTEM = "You are a helpful assistant."
 log = logging.getLogger("genome_service.academy")
 # What each trait is about, embedded to pick the trait a goal needs most.
@@ -118,6 +115,7 @@ class Runner:
         self.settings = settings
         self.stopping = stopping or threading.Event()
         self.stacks = StackResolver(services, services.models.get(model_name))
+        self.genomes, self.sessions = Genomes(services), AcademySessions(services)
 
     # --- the session --------------------------------------------------------------------
 
@@ -146,14 +144,11 @@ class Runner:
         return self._state(session_id)
 
     def _check_model(self, state: AcademySession) -> None:
-        with self.services.database.read() as connection:
-            persona = get_row(connection, PERSONAS, "persona_id", state.persona_id)
-            genome_id = persona["genome_id"] if persona is not None else None
-            genome = get_row(connection, GENOMES, "genome_id", genome_id) if genome_id else None
+        genome = self.genomes.of_persona(state.persona_id)
         if genome is None:
             raise RuntimeError(f"persona {state.persona_id} has no genome to train a layer for")
-        if genome["base_model"] != self.model_name:
-            raise RuntimeError(f"persona {state.persona_id}'s genome is on {genome['base_model']!r}; "
+        if genome.base_model != self.model_name:
+            raise RuntimeError(f"persona {state.persona_id}'s genome is on {genome.base_model!r}; "
                                f"this worker runs {self.model_name!r}")
 
     def _fail(self, session_id: str, reason: str) -> None:
@@ -191,11 +186,7 @@ class Runner:
     def _check_cancelled(self, session_id: str) -> None:
         if self.stopping.is_set():
             raise RunStopped(session_id)
-        # The read model, not the stream: it is one indexed row, and another process's
-        # cancel reaches it through that process's inline projection.
-        with self.services.database.read() as connection:
-            row = get_row(connection, SESSIONS, "session_id", session_id)
-        if row is not None and row["status"] == SessionStatus.CANCELLED.value:
+        if self.sessions.status(session_id) is SessionStatus.CANCELLED:
             raise SessionCancelled(session_id)
 
     # --- challenges on demand (the API) ------------------------------------------------------
@@ -413,16 +404,13 @@ class Runner:
         return self.services.settings.data_dir / "academy" / session_id / task_id
 
     def _attach(self, state: AcademySession, layer_id: str) -> None:
-        with self.services.database.read() as connection:
-            persona = get_row(connection, PERSONAS, "persona_id", state.persona_id)
-        if persona is None or persona["genome_id"] is None:
+        genome = self.genomes.of_persona(state.persona_id)
+        if genome is None:
             raise RuntimeError(f"persona {state.persona_id} has no genome to attach layer {layer_id} to")
-        genome_id = persona["genome_id"]
-        genome = self.services.repository.load(GENOME, genome_id).state
-        if genome is not None and any(ref.layer_id == layer_id for ref in genome.layers):
+        if any(ref.layer_id == layer_id for ref in genome.layers):
             return  # attached before a crash
         self.services.commands.execute(
-            GENOME, genome_id, AttachLayer(LayerFacts(layer_id, self.model_name, deprecated=False),
+            GENOME, genome.id, AttachLayer(LayerFacts(layer_id, self.model_name, deprecated=False),
                                            self.settings.layer_weight)
         )
 

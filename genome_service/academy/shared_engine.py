@@ -14,9 +14,15 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from genome_service.academy.judge import Judgement
 from genome_service.academy.runner import Runner, RunnerSettings
 from genome_service.chat.runtime import ChatRuntime
+from genome_service.domain.academy import Challenge, Difficulty
+from genome_service.domain.layer import TraitType
+from genome_service.eventstore.records import EventMetadata
+from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services
+from genome_service.services.context import Caller
 from inference.backends.base import ChatMessage, Finish, Sampling, Token, never_cancelled
 from inference.engine import Engine
 from inference.lora.stack import LoraStack
@@ -93,3 +99,17 @@ class SharedEngine:
     def runner_from_thread(self, loop: asyncio.AbstractEventLoop, stopping: threading.Event | None = None) -> Runner:
         """`runner` for a thread other than the loop's: blocks until the model is loaded."""
         return asyncio.run_coroutine_threadsafe(self.runner(stopping), loop).result()
+
+    async def challenge(
+        self, caller: Caller, session_id: str, trait_type: TraitType, difficulty: Difficulty, metadata: EventMetadata,
+    ) -> Challenge:
+        """A challenge the model writes for one of the caller's sessions, recorded in it."""
+        await asyncio.to_thread(AcademySessions(self.services).visible, caller, session_id)
+        runner = await self.runner()
+        return await asyncio.to_thread(runner.add_challenge, session_id, trait_type, difficulty, metadata)
+
+    async def score(self, caller: Caller, session_id: str, challenge_id: str, response: str, metadata: EventMetadata) -> Judgement:
+        """The judge's verdict on an answer to one of the session's challenges, recorded in it."""
+        await asyncio.to_thread(AcademySessions(self.services).visible, caller, session_id)
+        runner = await self.runner()
+        return await asyncio.to_thread(runner.score_response, session_id, challenge_id, response, metadata)

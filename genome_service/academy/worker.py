@@ -22,14 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import sqlalchemy as sa
-
-from genome_service.academy.runner import SESSIONS, Runner, RunnerSettings
+from genome_service.academy.runner import Runner, RunnerSettings
 from genome_service.academy.shared_engine import SharedEngine
-from genome_service.domain.academy import TERMINAL, AcademySession, SessionStatus
+from genome_service.domain.academy import TERMINAL, AcademySession
+from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services
 
-ACTIVE = (SessionStatus.PENDING.value, SessionStatus.RUNNING.value)
 log = logging.getLogger("genome_service.academy")
 # A run checks for a stop between tokens and steps; this bounds a slow one at shutdown.
 STOP_SECONDS = 30.0
@@ -63,9 +61,7 @@ class Worker:
 
     def candidates(self) -> list[str]:
         """Sessions that need a worker, oldest first."""
-        query = sa.select(SESSIONS.c.session_id).where(SESSIONS.c.status.in_(ACTIVE)).order_by(SESSIONS.c.created_at)
-        with self.services.database.read() as connection:
-            return list(connection.execute(query).scalars())
+        return AcademySessions(self.services).waiting()
 
     def run_next(self) -> AcademySession | None:
         """Claim and run one session; None when every active session is taken or there is none."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import Litestar, Request
+from litestar import Controller, Litestar, Request
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
@@ -16,15 +16,21 @@ from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
 from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
+from genome_service.api.conventions import bound, dependencies
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
-from genome_service.api.genomes import GenomeController
 from genome_service.api.health import HealthController
-from genome_service.api.layers import layer_controller
 from genome_service.api.metrics import RequestMetrics
 from genome_service.api.openapi import document_conventions
-from genome_service.api.personas import PersonaController
 from genome_service.chat.runtime import ChatRuntime
+from genome_service.chat.service import Chat
+from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services, build
+from genome_service.services.conversations import Conversations
+from genome_service.services.genomes import Genomes
+from genome_service.services.knowledge import KnowledgeBase
+from genome_service.services.layers import Layers
+from genome_service.services.personas import Personas
+from genome_service.services.search import LayerSearch
 from genome_service.settings import Settings
 
 log = logging.getLogger("genome_service")
@@ -50,9 +56,6 @@ def create_app(services: Services) -> Litestar:
     def provide_services() -> Services:
         return services
 
-    def provide_chat() -> ChatRuntime:
-        return runtime
-
     def catch_up() -> None:
         # Events appended by a process that did not project inline (a crash, a bulk import).
         applied = services.projector.catch_up()
@@ -67,10 +70,6 @@ def create_app(services: Services) -> Litestar:
     # The academy generates with the same engine: one copy of the model in the process.
     academy_engine = SharedEngine(services, runtime)
     worker = embedded_worker(services, academy_engine)
-
-    def provide_academy_engine() -> SharedEngine:
-        return academy_engine
-
     metrics = RequestMetrics(services)
     metrics.registry.register(chat.EngineCollector(runtime))
     middleware: list[Any] = [metrics.middleware, DefineMiddleware(ApiKeyAuthentication, keys=services.keys, open_allowed=is_loopback(settings.host))]
@@ -82,14 +81,8 @@ def create_app(services: Services) -> Litestar:
         )
         middleware.insert(1, limit.middleware)
     app = Litestar(
-        route_handlers=[
-            HealthController, metrics.controller(), GenomeController, PersonaController,
-            layer_controller(settings.max_adapter_bytes), search.LayerSearchController, search.KnowledgeController,
-            chat.ChatController, openai_compat.OpenAIController, academy.AcademyController,
-        ],
-        dependencies={"academy_engine": Provide(provide_academy_engine, sync_to_thread=False),
-                      "services": Provide(provide_services, sync_to_thread=False),
-                      "chat": Provide(provide_chat, sync_to_thread=False)},
+        route_handlers=[HealthController, metrics.controller(), *_controllers(services, runtime, academy_engine)],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False), **dependencies(services)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -105,6 +98,21 @@ def create_app(services: Services) -> Litestar:
     chat.document_chat(app.openapi_schema)
     chat.document_chat(app.openapi_schema, "/v1/chat/completions")
     return app
+
+
+def _controllers(services: Services, runtime: ChatRuntime, academy_engine: SharedEngine) -> list[type[Controller]]:
+    """Each controller bound to the feature services it translates HTTP for (one instance of each per app)."""
+    chats, owned_personas = Chat(services, runtime), Personas(services)
+    return [
+        bound(genomes.GenomeController, genomes=Genomes(services)),
+        bound(personas.PersonaController, personas=owned_personas),
+        layers.layer_controller(Layers(services), services.settings.max_adapter_bytes),
+        bound(search.LayerSearchController, discovery=LayerSearch(services)),
+        bound(search.KnowledgeController, knowledge=KnowledgeBase(services)),
+        bound(chat.ChatController, chat=chats, conversations=Conversations(services)),
+        bound(openai_compat.OpenAIController, chat=chats, personas=owned_personas),
+        bound(academy.AcademyController, sessions=AcademySessions(services), engine=academy_engine),
+    ]
 
 
 def create_app_from_env() -> Litestar:

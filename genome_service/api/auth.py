@@ -11,20 +11,16 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from genome_service.services.context import Caller
 from genome_service.services.keys import KeyStore
 
 OPEN_OWNER = "local"
 PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema"]
 _PUBLIC_PREFIXES = tuple(PUBLIC_PATHS)
-
-
-class Caller(msgspec.Struct, frozen=True):
-    owner: str
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:

@@ -15,6 +15,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
+    HTTP_403_FORBIDDEN,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_410_GONE,
@@ -30,8 +31,9 @@ from genome_service.chat.turn import ChatRefused
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.data_keys import SubjectErased
 from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
+from genome_service.services.errors import Forbidden, Gone, InvalidRequest, NotFound, PersonaDataErased
 from genome_service.services.handler import IdempotencyKeyMismatch
-from genome_service.services.search import SearchRefused
+from genome_service.services.indexes import SearchRefused
 from inference.lora.adapter import AdapterRejected
 from inference.models import UnknownModel
 from rag.index import VectorError
@@ -41,18 +43,6 @@ PROBLEM_BASE = "https://genome-service.dev/problems/"
 
 # Rules that mean "the resource is in a state that forbids this", not "your input is wrong".
 _CONFLICT_SUFFIXES = ("_exists", "_already_attached", "_archived", "_deprecated", "_finished", "_not_allowed")
-
-
-class NotFound(Exception):
-    def __init__(self, kind: str, resource_id: str) -> None:
-        super().__init__(f"no {kind} {resource_id!r}")
-        self.kind = kind
-
-
-class Gone(Exception):
-    def __init__(self, kind: str, resource_id: str) -> None:
-        super().__init__(f"{kind} {resource_id!r} is archived; its history stays at /{kind}s/{resource_id}/events")
-        self.kind = kind
 
 
 def problem(status: int, rule: str, detail: str, **extra: Any) -> ProblemDetailsException:
@@ -107,6 +97,9 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
                 ChatUnavailable: lambda e: problem(HTTP_503_SERVICE_UNAVAILABLE, "model_unavailable", str(e)),
                 NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
                 Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
+                PersonaDataErased: lambda e: problem(HTTP_410_GONE, "persona_erased", str(e)),
+                Forbidden: lambda e: problem(HTTP_403_FORBIDDEN, "forbidden", str(e)),
+                InvalidRequest: lambda e: problem(HTTP_400_BAD_REQUEST, "bad_request", str(e)),
                 # A write racing an erasure: the persona's key is gone, so nothing more is recorded.
                 SubjectErased: lambda e: problem(HTTP_410_GONE, "persona_erased", str(e)),
             }

@@ -13,27 +13,21 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-import sqlalchemy as sa
-from litestar import Controller, MediaType, Request, Response, get, post
+from litestar import Controller, MediaType, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from genome_service.api.chat import ChatCreate, ChatMessageIn, finished, start_turn, turn_request
-from genome_service.api.errors import NotFound
+from genome_service.api.chat import ChatMessageIn
 from genome_service.api.openapi import SSE
-from genome_service.api.resources import caller_of
-from genome_service.chat.runtime import ChatRuntime
+from genome_service.chat.service import AskedMessage, Chat, ChatAsk, Turn
 from genome_service.chat.turn import ChatRefused, Reply
 from genome_service.domain.conversation import Citation, Generation
-from genome_service.projections.tables import PersonaRow
-from genome_service.services.bootstrap import Services
+from genome_service.services.context import Caller, Command
 from genome_service.services.creation import new_id
+from genome_service.services.personas import Personas
 from inference.backends.base import Token
-
-PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
-MAX_MODELS = 1000
 
 
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -105,75 +99,62 @@ def _finish_reason(generation: Generation) -> str:
     return "length" if generation.finish_reason == "length" else "stop"
 
 
-def resolve_persona(services: Services, owner: str, model: str) -> str:
-    """The persona id `model` names among the owner's live personas: its id, else its unique name."""
-    columns = (PERSONAS.c.persona_id,)
-    live = [PERSONAS.c.owner == owner, PERSONAS.c.archived.is_(False)]
-    with services.database.read() as connection:
-        by_id = connection.execute(sa.select(*columns).where(PERSONAS.c.persona_id == model, *live)).all()
-        by_name = by_id or connection.execute(sa.select(*columns).where(PERSONAS.c.name == model, *live).limit(2)).all()
-    if len(by_name) > 1:
-        raise ChatRefused(422, "model_ambiguous", f"more than one of your personas is named {model!r}: use its id")
-    if not by_name:
-        raise NotFound("model", model)
-    return str(by_name[0][0])
+def _ask(data: CompletionCreate) -> ChatAsk:
+    """The chat ask an OpenAI request makes (OpenAI's sampling defaults, not the persona chat's)."""
+    if data.n != 1:
+        raise ChatRefused(422, "n_unsupported", f"n must be 1: one answer per request (got {data.n})")
+    return ChatAsk(
+        messages=[AskedMessage(m.role, m.content) for m in data.messages], max_tokens=data.max_completion_tokens or data.max_tokens,
+        temperature=1.0 if data.temperature is None else data.temperature,
+        top_p=1.0 if data.top_p is None else data.top_p, seed=data.seed,
+    )  # fmt: skip
+
+
+def _streamed(turn: Turn, data: CompletionCreate) -> Response[Any]:
+    include_usage = data.stream_options is not None and data.stream_options.include_usage
+    return ServerSentEvent(_chunks(turn, data.model, int(time.time()), include_usage))
+
+
+def _completion(reply: Reply, model: str) -> Response[Completion]:
+    generation = reply.generation
+    completion = Completion(
+        id=f"chatcmpl-{reply.conversation_id}", object="chat.completion", created=int(time.time()), model=model,
+        choices=[Choice(0, CompletionMessage("assistant", reply.content), _finish_reason(generation))],
+        usage=_usage(generation), conversation_id=reply.conversation_id, citations=list(generation.citations),
+    )
+    return Response(completion, media_type=MediaType.JSON)
 
 
 class OpenAIController(Controller):
     path = "/v1"
     tags = ["openai"]
+    chat: Chat
+    personas: Personas
 
     # Stream media type on the handler, JSON on the plain answer: see api/chat.py.
     @post("/chat/completions", operation_id="createChatCompletion", status_code=HTTP_200_OK, media_type=SSE)
-    async def completions(
-        self, request: Request[Any, Any, Any], services: NamedDependency[Services], chat: NamedDependency[ChatRuntime],
-        data: JSONBody[CompletionCreate],
-    ) -> Response[Completion]:
+    async def completions(self, command: NamedDependency[Command], data: JSONBody[CompletionCreate]) -> Response[Completion]:
         """A persona's reply in OpenAI's chat completion format; `model` is the persona's id or name."""
-        if data.n != 1:
-            raise ChatRefused(422, "n_unsupported", f"n must be 1: one answer per request (got {data.n})")
-        owner = caller_of(request).owner
-        persona_id = resolve_persona(services, owner, data.model)
-        create = ChatCreate(
-            messages=data.messages, stream=data.stream, max_tokens=data.max_completion_tokens or data.max_tokens,
-            temperature=1.0 if data.temperature is None else data.temperature,
-            top_p=1.0 if data.top_p is None else data.top_p, seed=data.seed,
-        )  # fmt: skip
-        turn = turn_request(services.settings, persona_id, owner, create)
-        first, events = await start_turn(request, services, chat, persona_id, turn)
-        created = int(time.time())
-        if data.stream:
-            include_usage = data.stream_options is not None and data.stream_options.include_usage
-            return ServerSentEvent(_chunks(first, events, data.model, created, include_usage))
-        reply = await finished(first, events)
-        generation = reply.generation
-        completion = Completion(
-            f"chatcmpl-{reply.conversation_id}", "chat.completion", created, data.model,
-            [Choice(0, CompletionMessage("assistant", reply.content), _finish_reason(generation))],
-            _usage(generation), reply.conversation_id, list(generation.citations),
-        )
-        return Response(completion, media_type=MediaType.JSON)
+        ask, persona_id = _ask(data), self.personas.resolve_model(command.caller, data.model)
+        turn = await self.chat.start(command.caller, persona_id, ask, command.metadata)
+        return _streamed(turn, data) if data.stream else _completion(await self.chat.reply(turn), data.model)
 
     @get("/models", operation_id="listModels", sync_to_thread=False)
-    def models(self, request: Request[Any, Any, Any], services: NamedDependency[Services]) -> ModelList:
+    def models(self, caller: NamedDependency[Caller]) -> ModelList:
         """The caller's personas, each a model for /v1/chat/completions."""
-        owner = caller_of(request).owner
-        statement = (sa.select(PERSONAS.c.persona_id, PERSONAS.c.name, PERSONAS.c.created_at)
-                     .where(PERSONAS.c.owner == owner, PERSONAS.c.archived.is_(False))
-                     .order_by(PERSONAS.c.created_at, PERSONAS.c.persona_id).limit(MAX_MODELS))
-        with services.database.read() as connection:
-            rows = connection.execute(statement).all()
-        return ModelList("list", [Model(pid, "model", int(created.timestamp()), owner, name) for pid, name, created in rows])
+        return ModelList(object="list", data=[
+            Model(id=p.id, object="model", created=int(p.created_at.timestamp()), owned_by=caller.owner, name=p.name)
+            for p in self.personas.as_models(caller)
+        ])
 
 
-async def _chunks(
-    first: Token | Reply, events: AsyncIterator[Token | Reply], model: str, created: int, include_usage: bool,
-) -> AsyncIterator[ServerSentEventMessage]:
+async def _chunks(turn: Turn, model: str, created: int, include_usage: bool) -> AsyncIterator[ServerSentEventMessage]:
     """OpenAI's stream: `data: {chunk}` per token, a last chunk with the finish reason, then `data: [DONE]`."""
     # Every chunk carries one id; the conversation's is known only once the turn is recorded.
     completion_id = f"chatcmpl-{new_id()}"
+    events = turn.rest
     try:
-        event = first
+        event = turn.first
         delta: dict[str, str] = {"role": "assistant", "content": ""}
         while isinstance(event, Token):
             delta["content"] = event.text

@@ -16,7 +16,6 @@ import msgspec
 
 from genome_service.chat.prompt import Prompt, PromptTooLong, assemble, fit_history
 from genome_service.chat.runtime import ChatRuntime, Loaded
-from genome_service.domain.common import DomainError
 from genome_service.domain.conversation import (
     CONVERSATION,
     Citation,
@@ -29,6 +28,7 @@ from genome_service.domain.conversation import (
 )
 from genome_service.eventstore.records import EventMetadata
 from genome_service.services.bootstrap import Services
+from genome_service.services.conversations import Conversations
 from genome_service.services.creation import new_id
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.engine import QueueFull
@@ -149,10 +149,8 @@ def _history(services: Services, request: TurnRequest) -> tuple[str, list[ChatMe
     new = [ChatMessage(m.role, m.content) for m in request.messages]
     if request.conversation_id is None:
         return new_id(), new
-    state = services.repository.load(CONVERSATION, request.conversation_id).state
-    if state is None or state.owner != request.owner or state.persona_id != request.persona_id:
-        raise DomainError("conversation_not_found", f"conversation {request.conversation_id!r} does not exist")
-    return state.conversation_id, [ChatMessage(m.role, m.content) for m in state.messages] + new
+    before = Conversations(services).history(request.owner, request.persona_id, request.conversation_id)
+    return request.conversation_id, [ChatMessage(m.role, m.content) for m in before] + new
 
 
 def _retrieve(services: Services, request: TurnRequest, loaded: Loaded, room: int) -> list[Passage]:

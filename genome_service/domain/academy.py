@@ -300,7 +300,10 @@ def decide(command: AcademyCommand, state: AcademySession | None) -> list[Academ
     assert state is not None
     match command:
         case ChangeSessionStatus(status=status, reason=reason):
-            if status == state.status:
+            # Repeating a live status is a no-op (a worker re-claiming its session); a finished
+            # session refuses everything, its own status included: two cancels decided on the
+            # same version cannot both pass, and a second cancel is a mistake worth saying.
+            if status == state.status and status not in TERMINAL:
                 return []
             require(
                 state.status not in TERMINAL,

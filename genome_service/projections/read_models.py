@@ -28,15 +28,15 @@ from genome_service.eventstore.repository import Aggregate
 from genome_service.projections.columns import encoder
 from genome_service.projections.sealed_columns import seal_rows
 from genome_service.projections.tables import (
-    AcademySessionRow,
-    ConversationMessageRow,
-    ConversationRow,
-    GenomeLayerRefRow,
-    GenomeRow,
-    KnowledgeChunkRow,
-    KnowledgeRow,
-    LayerRow,
-    PersonaRow,
+    ACADEMY_SESSIONS,
+    CONVERSATION_MESSAGES,
+    CONVERSATIONS,
+    GENOME_LAYER_REFS,
+    GENOMES,
+    KNOWLEDGE_CHUNKS,
+    KNOWLEDGE_DOCUMENTS,
+    LAYERS,
+    PERSONAS,
 )
 
 Row = dict[str, Any]
@@ -236,30 +236,30 @@ def _conversation_message_rows(aggregate: Aggregate[Any]) -> list[Row]:
 READ_MODELS: tuple[ReadModel, ...] = (
     ReadModel(
         GENOME,
-        GenomeRow.__table__,  # type: ignore[attr-defined]
+        GENOMES,
         "genome_id",
         lambda state: _fields(state, "layers"),
-        ChildRows(GenomeLayerRefRow.__table__, "genome_id", _genome_layer_rows),  # type: ignore[attr-defined]
+        ChildRows(GENOME_LAYER_REFS, "genome_id", _genome_layer_rows),
     ),
     # A user-supplied embedding stays in the log and the index, not in the table.
-    ReadModel(LAYER, LayerRow.__table__, "layer_id", lambda state: _fields(state, "embedding")),  # type: ignore[attr-defined]
-    ReadModel(PERSONA, PersonaRow.__table__, "persona_id", _fields),  # type: ignore[attr-defined]
-    ReadModel(ACADEMY_SESSION, AcademySessionRow.__table__, "session_id", _academy_row),  # type: ignore[attr-defined]
+    ReadModel(LAYER, LAYERS, "layer_id", lambda state: _fields(state, "embedding")),
+    ReadModel(PERSONA, PERSONAS, "persona_id", _fields),
+    ReadModel(ACADEMY_SESSION, ACADEMY_SESSIONS, "session_id", _academy_row),
     ReadModel(
         KNOWLEDGE,
-        KnowledgeRow.__table__,  # type: ignore[attr-defined]
+        KNOWLEDGE_DOCUMENTS,
         "knowledge_id",
         _knowledge_row,
-        ChildRows(KnowledgeChunkRow.__table__, "knowledge_id", _knowledge_chunk_rows, sealed=("text",)),  # type: ignore[attr-defined]
+        ChildRows(KNOWLEDGE_CHUNKS, "knowledge_id", _knowledge_chunk_rows, sealed=("text",)),
         sealed=("title",),
         subject="persona_id",
     ),
     ReadModel(
         CONVERSATION,
-        ConversationRow.__table__,  # type: ignore[attr-defined]
+        CONVERSATIONS,
         "conversation_id",
         _conversation_row,
-        ChildRows(ConversationMessageRow.__table__, "conversation_id", _conversation_message_rows, sealed=("content",)),  # type: ignore[attr-defined]
+        ChildRows(CONVERSATION_MESSAGES, "conversation_id", _conversation_message_rows, sealed=("content",)),
         subject="persona_id",
     ),
 )

@@ -173,3 +173,16 @@ class ProjectionCheckpointRow(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=64)
     position: int = Field(sa_column=sa.Column(Position, nullable=False))
+
+
+# The tables as SQLAlchemy Core handles, for queries and the projector: the models above
+# declare them, and the metadata hands them back typed, by name.
+GENOMES = SQLModel.metadata.tables["genomes"]
+GENOME_LAYER_REFS = SQLModel.metadata.tables["genome_layer_refs"]
+LAYERS = SQLModel.metadata.tables["layers"]
+PERSONAS = SQLModel.metadata.tables["personas"]
+ACADEMY_SESSIONS = SQLModel.metadata.tables["academy_sessions"]
+KNOWLEDGE_DOCUMENTS = SQLModel.metadata.tables["knowledge"]
+KNOWLEDGE_CHUNKS = SQLModel.metadata.tables["knowledge_chunks"]
+CONVERSATIONS = SQLModel.metadata.tables["conversations"]
+CONVERSATION_MESSAGES = SQLModel.metadata.tables["conversation_messages"]

@@ -18,7 +18,7 @@ from genome_service.services.blobs import BlobStore
 from genome_service.services.handler import CommandHandler
 from genome_service.services.keys import KeyStore
 from genome_service.services.personal_data import PERSONAL_FIELDS, PERSONAL_STREAM_TYPES
-from genome_service.services.search import SearchIndexes
+from genome_service.services.indexes import SearchIndexes
 from genome_service.settings import Settings
 from inference.models import ModelCatalog
 from rag.embedder import Embedder, SentenceTransformerEmbedder

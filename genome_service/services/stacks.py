@@ -10,18 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from genome_service.domain.common import DomainError, require_weight
-from genome_service.projections.queries import child_rows, get_row
-from genome_service.projections.tables import GenomeLayerRefRow, LayerRow, PersonaRow
+from genome_service.projections.queries import get_row
+from genome_service.projections.tables import LAYERS, PERSONAS
 from genome_service.services.bootstrap import Services
+from genome_service.services.genomes import Genomes
 from genome_service.services.layers import adapter_manifest
 from inference.lora.adapter import AdapterRejected, parse_adapter, to_canonical
 from inference.lora.cache import AdapterCache, LoadedAdapter, StackCache
 from inference.lora.stack import LoraStack
 from inference.models import ModelSpec
-
-PERSONAS = PersonaRow.__table__  # type: ignore[attr-defined]
-LAYERS = LayerRow.__table__  # type: ignore[attr-defined]
-REFS = GenomeLayerRefRow.__table__  # type: ignore[attr-defined]
 
 LayerWeights = list[tuple[str, float]]
 
@@ -31,19 +28,21 @@ class StackResolver:
 
     def __init__(self, services: Services, spec: ModelSpec) -> None:
         self._services = services
+        self._genomes = Genomes(services)
         self.spec = spec
         settings = services.settings
         self.stacks = StackCache(settings.stack_cache_size, AdapterCache(settings.adapter_cache_bytes))
 
     def persona(self, persona_id: str) -> tuple[str, LayerWeights]:
         """The persona's system prompt and its genome's ordered (layer id, weight) list."""
+        # One read transaction: the prompt and the stack as of the same commit.
         with self._services.database.read() as connection:
             persona = get_row(connection, PERSONAS, "persona_id", persona_id)
             if persona is None or persona["archived"]:
                 raise DomainError("persona_not_found", f"persona {persona_id!r} does not exist")
-            genome_id = persona["genome_id"]
-            refs = child_rows(connection, REFS, "genome_id", [genome_id], "position") if genome_id else []
-        return persona["system_prompt"], [(ref["layer_id"], float(ref["weight"])) for ref in refs]
+            genome = self._genomes.of_persona(persona_id)
+        layers = genome.layers if genome is not None else []
+        return persona["system_prompt"], [(layer.layer_id, float(layer.weight)) for layer in layers]
 
     def stack(self, layers: Sequence[tuple[str, float]]) -> LoraStack | None:
         """The assembled stack (None for no layers: the plain base model)."""

@@ -42,9 +42,12 @@ def sse_events(client: httpx.Client, path: str) -> list[tuple[str, dict]]:
 
 
 def persona_on_tiny_model(client: httpx.Client) -> str:
-    persona = client.post("/personas/", json={"name": "Calm Ada", "system_prompt": "You are calm."}).json()
-    genome = client.post("/genomes/", json={"persona_id": persona["id"], "base_model": MODEL, "name": "calm"}).json()
-    assert client.put(f"/personas/{persona['id']}/genome", json={"genome_id": genome["id"]}).status_code == 200
+    """A persona created with its genome on the tiny model, in one request."""
+    created = client.post("/personas/", json={"name": "Calm Ada", "system_prompt": "You are calm.", "base_model": MODEL})
+    assert created.status_code == 201, created.text
+    persona = created.json()
+    genome = client.get(f"/genomes/{persona['genome_id']}").json()
+    assert (genome["persona_id"], genome["base_model"], genome["layers"]) == (persona["id"], MODEL, [])
     return persona["id"]
 
 
@@ -156,6 +159,8 @@ def test_a_server_stopped_mid_session_leaves_it_to_the_next_start_which_resumes_
         ({"goal": "x", "budget_steps": 100_001}, 400, "bad_request"),
         ({"goal": "x", "budget_seconds": 0}, 400, "bad_request"),
         ({"goal": "x", "budget": 5}, 400, "bad_request"),
+        # Refused up front, not accepted and then failed by a worker: the layer would have nowhere to go.
+        ({"goal": "Sound calm."}, 422, "persona_has_no_genome"),
     ],
 )
 def test_bad_session_input_is_refused_precisely_and_appends_nothing(
@@ -201,7 +206,9 @@ def test_challenges_on_demand_are_written_by_the_model_and_answers_judged_into_0
     assert client.post(f"{path}/nope/responses", json={"response": "x"}).json()["rule"] == "challenge_not_found"
     assert client.post(path, json={"trait_type": "humour"}).status_code == 400
     before = len(client.get(f"/academy/sessions/{session['id']}/events").json())
-    client.post(f"/academy/sessions/{session['id']}/cancel")
+    assert client.post(f"/academy/sessions/{session['id']}/cancel").status_code == 200
+    twice = client.post(f"/academy/sessions/{session['id']}/cancel")
+    assert twice.status_code == 409 and twice.json()["rule"] == "session_finished"
     finished = client.post(path, json={"trait_type": "tone_and_voice"})
     assert finished.status_code == 409 and finished.json()["rule"] == "session_finished"
     assert len(client.get(f"/academy/sessions/{session['id']}/events").json()) == before + 1  # the cancel only

@@ -21,10 +21,10 @@ from genome_service.domain.academy import (
     TaskAction,
 )
 from genome_service.domain.layer import TraitType, TrainingMetrics
-from genome_service.projections.tables import AcademySessionRow
+from genome_service.projections.tables import ACADEMY_SESSIONS
 from genome_service.services.bootstrap import Services
 
-TABLE = AcademySessionRow.__table__  # type: ignore[attr-defined]
+TABLE = ACADEMY_SESSIONS
 
 
 def session_row(services: Services) -> dict:

@@ -23,12 +23,12 @@ def test_challenges_answers_and_chat_share_one_engine_and_one_model_load(
     services = build(settings, embedder=embedder)
     services.models.register_local(MODEL, tiny_model)
     app = create_app(services)
-    runtime = app.dependencies["academy_engine"].dependency().runtime
+    # The engine the academy controller was bound to, and the chat runtime under it.
+    challenges = app.route_handler_method_map["/academy/sessions/{session_id:str}/challenges"]["POST"]
+    runtime = challenges.fn.__self__.engine.runtime
 
     with TestClient(app) as client:
-        persona = client.post("/personas/", json={"name": "Ada", "system_prompt": "You are calm."}).json()["id"]
-        genome = client.post("/genomes/", json={"persona_id": persona, "base_model": MODEL, "name": "calm"}).json()
-        assert client.put(f"/personas/{persona}/genome", json={"genome_id": genome["id"]}).status_code == 200
+        persona = client.post("/personas/", json={"name": "Ada", "system_prompt": "You are calm.", "base_model": MODEL}).json()["id"]
         session = client.post("/academy/sessions/", json={"persona_id": persona, "goal": "Sound calm."}).json()["id"]
         assert runtime.engine is None  # nothing has generated yet
 

@@ -21,7 +21,7 @@ from genome_service.domain.conversation import Message
 from genome_service.domain.persona import PERSONA, CreatePersona
 from genome_service.eventstore.database import Database
 from genome_service.eventstore.records import NO_METADATA
-from genome_service.projections.tables import ConversationMessageRow, ConversationRow
+from genome_service.projections.tables import CONVERSATION_MESSAGES, CONVERSATIONS
 from genome_service.services.bootstrap import Services, build
 from genome_service.services.knowledge import add_knowledge
 from genome_service.settings import Settings
@@ -72,8 +72,8 @@ async def collect(events: AsyncIterator[Token | Reply]) -> tuple[list[Token], Re
 
 def rows(services: Services) -> list[tuple[object, ...]]:
     with services.database.read() as connection:
-        conversations = connection.execute(sa.select(ConversationRow.__table__).order_by("conversation_id")).all()  # type: ignore[attr-defined]
-        messages = connection.execute(sa.select(ConversationMessageRow.__table__).order_by("conversation_id", "ordinal")).all()  # type: ignore[attr-defined]
+        conversations = connection.execute(sa.select(CONVERSATIONS).order_by("conversation_id")).all()
+        messages = connection.execute(sa.select(CONVERSATION_MESSAGES).order_by("conversation_id", "ordinal")).all()
     return [tuple(r) for r in (*conversations, *messages)]
 
 

@@ -65,10 +65,10 @@ def test_a_write_in_another_process_is_seen_at_once(sqlite_url: str) -> None:
 
 def test_a_genome_read_by_the_api_path_follows_every_change(services: Services) -> None:
     """The cached value is what a fresh read would give, after each kind of change."""
-    from genome_service.api.genomes import _read_genome
+    from genome_service.services.genomes import read_genome
 
     def read() -> tuple[int, list[str]] | None:
-        genome = services.database.read_through(("genome", "g1"), lambda c: _read_genome(c, "g1"))
+        genome = services.database.read_through(("genome", "g1"), lambda c: read_genome(c, "g1"))
         return None if genome is None else (genome.version, [s.layer_id for s in genome.layers])
 
     assert read() is None

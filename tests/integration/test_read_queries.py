@@ -5,11 +5,10 @@ from __future__ import annotations
 from factories import attach, create_persona_with_genome, register_layer
 
 from genome_service.projections.queries import get_row_with_children
-from genome_service.projections.tables import GenomeLayerRefRow, GenomeRow
+from genome_service.projections.tables import GENOME_LAYER_REFS, GENOMES
 from genome_service.services.bootstrap import Services
 
-GENOMES = GenomeRow.__table__  # type: ignore[attr-defined]
-REFS = GenomeLayerRefRow.__table__  # type: ignore[attr-defined]
+REFS = GENOME_LAYER_REFS
 
 
 def _genome(services: Services, genome_id: str) -> tuple[dict, list[dict]] | None:  # type: ignore[type-arg]

@@ -16,7 +16,7 @@ from genome_service.domain.persona import PERSONA, CreatePersona
 from genome_service.eventstore.records import EventMetadata
 from genome_service.services.bootstrap import Services, build
 from genome_service.services.knowledge import add_knowledge
-from genome_service.services.search import SearchIndexes
+from genome_service.services.indexes import SearchIndexes
 from genome_service.settings import Settings
 from rag.embedder import SentenceTransformerEmbedder
 from rag.index import VectorIndex
