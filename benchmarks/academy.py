@@ -14,7 +14,7 @@ gradient clipping:
 
 With `--backend mlx` the two sides are mlx-lm's instead:
 
-- ours: `inference.training_mlx.train_lora_mlx` (mlx-lm's LoRA layers and loss in our loop);
+- ours: `inference.training.mlx.train_lora_mlx` (mlx-lm's LoRA layers and loss in our loop);
 - baseline: what `mlx_lm.lora` runs: `linear_to_lora_layers`, AdamW on mlx-lm's
   `build_schedule` (linear warmup, cosine decay) and `mlx_lm.tuner.trainer.train` (compiled
   step, its own batching of the same tokenised examples, no clipping), a loss report per step.
@@ -94,7 +94,7 @@ def run_ours(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
 
 def run_ours_mlx(folder: Path, examples: list[Any], config: Any) -> dict[str, Any]:
     from inference.training import Progress
-    from inference.training_mlx import train_lora_mlx
+    from inference.training.mlx import train_lora_mlx
 
     marks: list[Progress] = []
     result = train_lora_mlx(folder, examples, config, on_progress=marks.append)
@@ -148,7 +148,8 @@ def run_baseline(folder: Path, examples: list[Any], config: Any) -> dict[str, An
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from inference.training import IGNORE, batch_indices, collate, load_for_training, tokenize
+    from inference.training import IGNORE, batch_indices, tokenize
+    from inference.training.torch import collate, load_for_training
 
     model, tokenizer, device = load_for_training(folder, config)
     rows = tokenize(tokenizer, examples, config.max_length)

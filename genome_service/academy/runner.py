@@ -57,7 +57,7 @@ from genome_service.services.stacks import StackResolver
 from genome_service.settings import Settings
 from inference.backends.base import Backend, ChatMessage, Sampling, never_cancelled
 from inference.training import Example, TrainingConfig, data_sha256, train_lora
-from inference.training_mlx import train_lora_mlx
+from inference.training.mlx import train_lora_mlx
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 log = logging.getLogger("genome_service.academy")

@@ -27,7 +27,7 @@ from inference.training import (
 pytest.importorskip("mlx_lm")
 
 from inference.backends.mlx import MlxBackend  # noqa: E402
-from inference.training_mlx import train_lora_mlx  # noqa: E402
+from inference.training.mlx import train_lora_mlx  # noqa: E402
 
 EXAMPLES = [
     Example(
