@@ -29,7 +29,7 @@ from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
 from genome_service.domain.common import DomainError
 from genome_service.eventstore.data_keys import SubjectErased
-from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
+from genome_service.eventstore.errors import ConcurrencyConflict, DatabaseUnavailable, IdempotencyKeyReused
 from genome_service.services.handler import IdempotencyKeyMismatch
 from genome_service.services.search import SearchRefused
 from inference.lora.adapter import AdapterRejected
@@ -114,9 +114,16 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
     )
 
 
-def _database_down(request: Request[Any, Any, Any], exc: OperationalError) -> Response[Any]:
-    log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
-    return problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
+# Seconds a client should wait before retrying while the database cannot be reached.
+DATABASE_RETRY_AFTER_SECONDS = 1
+
+
+def _database_down(request: Request[Any, Any, Any], exc: DatabaseUnavailable | OperationalError) -> Response[Any]:
+    # OperationalError: one that reached here unwrapped, outside the event store's boundary.
+    log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    response = problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    return response
 
 
 def _bad_text(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -136,6 +143,7 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 
 EXCEPTION_HANDLERS = {
     ConcurrencyConflict: _conflict,
+    DatabaseUnavailable: _database_down,
     OperationalError: _database_down,
     DataError: _bad_text,
     psycopg.DataError: _bad_text,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
-from litestar.exceptions import ServiceUnavailableException
 from litestar.status_codes import HTTP_200_OK
 from sqlalchemy.exc import SQLAlchemyError
 
+from genome_service.eventstore.errors import DatabaseUnavailable
 from genome_service.services.bootstrap import Services
 
 
@@ -39,7 +39,8 @@ class HealthController(Controller):
                 last = services.store.last_position(connection)
                 checkpoint = services.projector.checkpoint(connection)
         except SQLAlchemyError as error:
-            raise ServiceUnavailableException(f"the database does not answer: {type(error).__name__}") from error
+            # Answered as database_unavailable (503, Retry-After) like any request that meets it.
+            raise DatabaseUnavailable(f"the database does not answer: {type(error).__name__}") from error
         return Response(Readiness("ready", last, checkpoint, last - checkpoint), status_code=HTTP_200_OK)
 
 
