@@ -21,7 +21,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # WAL + NORMAL survives a crashed process (not a lost power supply) and is
     # what SQLite recommends for WAL; FULL fsyncs every commit.
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
-    # Seconds a writer waits for SQLite's write lock before failing.
+    # Seconds a connection waits for a SQLite lock another process holds before failing (503):
+    # writers wait for the write lock; readers under WAL only while the WAL index is rebuilt.
     sqlite_busy_timeout: float = 30.0
     # SQLite: serve GETs by id, list pages and API-key lookups from memory until any process
     # commits (eventstore/changes.py).

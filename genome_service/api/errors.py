@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.plugins.problem_details import (
@@ -24,14 +23,22 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
-from sqlalchemy.exc import DataError, OperationalError
 
 from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
 from genome_service.domain.common import DomainError
-from genome_service.eventstore.data_keys import SubjectErased
-from genome_service.eventstore.errors import ConcurrencyConflict, IdempotencyKeyReused
-from genome_service.services.errors import Forbidden, Gone, InvalidRequest, NotFound, PersonaDataErased
+from genome_service.services.errors import (
+    ConcurrencyConflict,
+    DatabaseUnavailable,
+    Forbidden,
+    Gone,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    NotFound,
+    PersonaDataErased,
+    SubjectErased,
+    UnstorableValue,
+)
 from genome_service.services.handler import IdempotencyKeyMismatch
 from genome_service.services.indexes import SearchRefused
 from inference.lora.adapter import AdapterRejected
@@ -107,9 +114,15 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
     )
 
 
-def _database_down(request: Request[Any, Any, Any], exc: OperationalError) -> Response[Any]:
-    log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
-    return problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
+# Seconds a client should wait before retrying while the database cannot be reached.
+DATABASE_RETRY_AFTER_SECONDS = 1
+
+
+def _database_down(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[Any]:
+    log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    response = problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    return response
 
 
 def _bad_text(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -129,9 +142,8 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 
 EXCEPTION_HANDLERS = {
     ConcurrencyConflict: _conflict,
-    OperationalError: _database_down,
-    DataError: _bad_text,
-    psycopg.DataError: _bad_text,
+    DatabaseUnavailable: _database_down,
+    UnstorableValue: _bad_text,
     UnicodeDecodeError: _bad_text,
     Exception: _unexpected,
 }

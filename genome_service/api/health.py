@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import msgspec
-from litestar import Controller, Response, get
+from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.exceptions import ServiceUnavailableException
-from litestar.status_codes import HTTP_200_OK
-from sqlalchemy.exc import SQLAlchemyError
 
 from genome_service.services.bootstrap import Services
+from genome_service.services.status import log_status
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -32,14 +30,8 @@ class HealthController(Controller):
         return Health("ok")
 
     @get("/ready", operation_id="ready", sync_to_thread=False)
-    def ready(self, services: NamedDependency[Services]) -> Response[Readiness]:
+    def ready(self, services: NamedDependency[Services]) -> Readiness:
         """The database answers; reports how far the read models trail the log (503 when it does not answer)."""
-        try:
-            with services.database.read() as connection:
-                last = services.store.last_position(connection)
-                checkpoint = services.projector.checkpoint(connection)
-        except SQLAlchemyError as error:
-            raise ServiceUnavailableException(f"the database does not answer: {type(error).__name__}") from error
-        return Response(Readiness("ready", last, checkpoint, last - checkpoint), status_code=HTTP_200_OK)
-
-
+        status = log_status(services)
+        return Readiness(status="ready", last_position=status.last_position,
+                         projection_checkpoint=status.projection_checkpoint, projection_lag=status.projection_lag)

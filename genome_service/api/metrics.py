@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from genome_service.services.bootstrap import Services
+from genome_service.services.status import log_status
 
 _LABELS = ("method", "path", "status_code")
 _BOUNDS = Histogram.DEFAULT_BUCKETS  # the last is +Inf
@@ -35,11 +36,9 @@ class EventStoreCollector(Collector):
         self.services = services
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        with self.services.database.read() as connection:
-            last = self.services.store.last_position(connection)
-            checkpoint = self.services.projector.checkpoint(connection)
-        yield CounterMetricFamily("genome_events_appended", "Events in the log (its last global position).", value=last)
-        yield GaugeMetricFamily("genome_projection_lag_events", "Events the read models have not applied yet.", value=last - checkpoint)
+        status = log_status(self.services)
+        yield CounterMetricFamily("genome_events_appended", "Events in the log (its last global position).", value=status.last_position)
+        yield GaugeMetricFamily("genome_projection_lag_events", "Events the read models have not applied yet.", value=status.projection_lag)
 
 
 class RequestStats(Collector):

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -23,6 +24,7 @@ from sqlmodel import SQLModel
 
 from genome_service.eventstore.cipher import DataKey, MasterKey
 from genome_service.eventstore.database import Database
+from genome_service.eventstore.driver import execute, fetch_all
 from genome_service.eventstore.errors import EventStoreError
 
 personal_data_keys = sa.Table(
@@ -34,6 +36,13 @@ personal_data_keys = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("shredded_at", sa.DateTime(timezone=True), nullable=True),
 )
+
+
+class KeyRow(NamedTuple):
+    """A subject's row of ``personal_data_keys``: its wrapped key, None once shredded."""
+
+    subject_id: str
+    wrapped_key: bytes | None
 
 
 class SubjectErased(EventStoreError):
@@ -60,7 +69,7 @@ class DataKeys:
         """Each subject's key, or None where it was shredded (or never made: nothing was sealed)."""
         wanted = sorted(set(subject_ids))
         found = {subject: None for subject in wanted} | {
-            subject: wrapped for subject, wrapped in self._rows(connection, wanted) if wrapped is not None
+            row.subject_id: row.wrapped_key for row in self._rows(connection, wanted) if row.wrapped_key is not None
         }
         return {subject: None if wrapped is None else self._open(subject, bytes(wrapped)) for subject, wrapped in found.items()}
 
@@ -68,20 +77,19 @@ class DataKeys:
         """The subject's key, made on first use (inside the caller's write transaction)."""
         rows = self._rows(connection, [subject_id])
         if rows:
-            wrapped = rows[0][1]
-            if wrapped is None:
+            if rows[0].wrapped_key is None:
                 raise SubjectErased(subject_id)
-            return self._open(subject_id, bytes(wrapped))
+            return self._open(subject_id, bytes(rows[0].wrapped_key))
         wrapped = self.master().wrap(DataKey.generate(), subject_id)
-        self._execute(connection, self._insert, (subject_id, wrapped, self._now()))
+        execute(connection, self._insert, (subject_id, wrapped, self._now()))
         return self._open(subject_id, wrapped)
 
     def shred(self, connection: Connection, subject_id: str) -> None:
         """Forget the subject's key for good and leave a keyless row, so none is ever made again.
 
         A DELETE, not an UPDATE in place: with SQLite's secure_delete the freed cell is zeroed."""
-        self._execute(connection, self._delete, (subject_id,))
-        self._execute(connection, self._tombstone, (subject_id, self._now(), self._now()))
+        execute(connection, self._delete, (subject_id,))
+        execute(connection, self._tombstone, (subject_id, self._now(), self._now()))
         self._open.cache_clear()
 
     def master(self) -> MasterKey:
@@ -93,23 +101,11 @@ class DataKeys:
     def _unwrap(self, subject_id: str, wrapped: bytes) -> DataKey:
         return DataKey(self.master().unwrap(wrapped, subject_id))
 
-    def _rows(self, connection: Connection, subject_ids: list[str]) -> list[tuple[str, bytes | None]]:
+    def _rows(self, connection: Connection, subject_ids: list[str]) -> list[KeyRow]:
         if not subject_ids:
             return []
         statement = self.database.sql(self._select.format(", ".join("?" * len(subject_ids))))
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(statement, tuple(subject_ids))
-            return list(cursor.fetchall())
-        finally:
-            cursor.close()
-
-    def _execute(self, connection: Connection, statement: str, params: tuple[object, ...]) -> None:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(statement, params)
-        finally:
-            cursor.close()
+        return fetch_all(connection, statement, tuple(subject_ids), KeyRow)
 
     def _now(self) -> object:
         return self.database.to_db_time(datetime.now(UTC))

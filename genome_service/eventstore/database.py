@@ -15,6 +15,12 @@ and its reset cost more than the indexed lookup of a GET by id. Each read ends
 its transaction when the outermost ``read()`` exits, so the next one sees every
 commit since. ``read_through`` goes further on SQLite: a value read by key is reused
 until any process commits a write (see ``changes``).
+
+Both context managers are the boundary for an unreachable database: a driver error that
+means it (``driver.unavailable``) leaves them as ``DatabaseUnavailable``. Each such error
+counts an outage, and every kept connection opened before the latest outage is replaced at
+its next use (a terminated server session stays dead even once the database is back), so the
+process recovers by itself, without a failed request per thread.
 """
 
 from __future__ import annotations
@@ -24,19 +30,30 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from genome_service.eventstore.changes import ChangeToken, ReadCache
+from genome_service.eventstore.driver import unavailable, unstorable
 from genome_service.settings import Settings
 
 T = TypeVar("T")
 
 Dialect = Literal["sqlite", "postgresql"]
+# Seconds to wait for a PostgreSQL server to accept a connection (unless the URL says otherwise):
+# an unreachable host answers 503 soon instead of holding requests for the OS's TCP timeout.
+POSTGRES_CONNECT_TIMEOUT = 5
 
+
+class _ThreadReader(threading.local):
+    """A thread's read connection, how many ``read()`` blocks it is inside, and the outage count it was opened at."""
+
+    connection: Connection | None = None
+    depth = 0
+    outages = 0
 
 
 def normalise_url(url: str) -> str:
@@ -67,7 +84,10 @@ class Database:
         self.dialect: Dialect = backend  # type: ignore[assignment]
         self._writer_lock = threading.Lock()
         self._writer: Connection | None = None
-        self._local = threading.local()
+        self._writer_outages = 0
+        # How many times a connection found the database unreachable (see the module's docstring).
+        self._outages = 0
+        self._local = _ThreadReader()
         self._readers_lock = threading.Lock()
         self._readers: dict[threading.Thread, Connection] = {}
         self.changes: ChangeToken | None = None
@@ -78,8 +98,10 @@ class Database:
             if path is not None:
                 self.changes = ChangeToken(path)
         else:
+            parsed = sa.engine.make_url(self.url)
+            connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
             self.write_engine = self.read_engine = sa.create_engine(
-                self.url, pool_size=8, max_overflow=64, pool_pre_ping=True
+                self.url, pool_size=8, max_overflow=64, pool_pre_ping=True, connect_args=connect_args
             )
         self._read_cache = ReadCache(self.changes if read_cache else None)
 
@@ -123,12 +145,21 @@ class Database:
     def write(self) -> Iterator[Connection]:
         """A write transaction on this process's writer; commits on success, rolls back on error."""
         with self._writer_lock:
-            connection = self._writer
-            if connection is None or connection.closed or connection.invalidated:
-                connection = self._writer = self.write_engine.connect()
             try:
+                connection = self._writer
+                if connection is None or connection.closed or connection.invalidated or self._writer_outages != self._outages:
+                    connection = self._open_writer()
                 with connection.begin():
                     yield connection
+            except Exception as error:
+                if (down := unavailable(error)) is None:
+                    _raise_unstorable_or_reraise(error)
+                self._outages += 1
+                _discard(self._writer)
+                self._writer = None
+                if down is error:
+                    raise
+                raise down from error
             finally:
                 # After the commit is visible and before the caller answers anyone; on a
                 # rollback too, since a failed commit may still have reached the file.
@@ -139,17 +170,30 @@ class Database:
     def read(self) -> Iterator[Connection]:
         """This thread's read connection; nested calls share it, the outermost ends its transaction."""
         local = self._local
-        connection: Connection | None = getattr(local, "connection", None)
-        if connection is None or connection.closed or connection.invalidated:
-            connection = local.connection = self._new_reader()
-            local.depth = 0
-        local.depth += 1
         try:
-            yield connection
-        finally:
-            local.depth -= 1
-            if local.depth == 0:
-                self._end_read(connection)
+            connection = local.connection
+            if (
+                connection is None or connection.closed or connection.invalidated
+                or (local.outages != self._outages and local.depth == 0)
+            ):
+                local.outages = self._outages
+                connection = local.connection = self._new_reader()
+            local.depth += 1
+            try:
+                yield connection
+            finally:
+                local.depth -= 1
+                # The thread's connection now: a nested read may have dropped this one and opened another.
+                if local.depth == 0 and local.connection is not None:
+                    self._end_read(local.connection)
+        except Exception as error:
+            if (down := unavailable(error)) is None:
+                _raise_unstorable_or_reraise(error)
+            self._outages += 1
+            self._drop_reader()
+            if down is error:
+                raise
+            raise down from error
 
     def read_through(self, key: Hashable, load: Callable[[Connection], T]) -> T:
         """``load`` on a read connection, or its value from an earlier call with the same key
@@ -168,13 +212,14 @@ class Database:
             # Threads come and go (a thread pool's workers); their connections go back to the pool.
             for thread in [t for t in self._readers if not t.is_alive()]:
                 self._readers.pop(thread).close()
-            stale = self._readers.pop(threading.current_thread(), None)
-            if stale is not None:
-                stale.close()
+            # This thread's previous one was closed, broken, or opened before an outage: never back to the pool.
+            _discard(self._readers.pop(threading.current_thread(), None))
             self._readers[threading.current_thread()] = connection
         return connection
 
     def _end_read(self, connection: Connection) -> None:
+        if connection.invalidated:
+            return
         try:
             if connection.in_transaction():
                 connection.rollback()
@@ -185,6 +230,21 @@ class Database:
         except Exception:
             connection.invalidate()
             raise
+
+    def _drop_reader(self) -> None:
+        """Forget this thread's read connection: the database could not be reached on it."""
+        connection, self._local.connection = self._local.connection, None
+        with self._readers_lock:
+            self._readers.pop(threading.current_thread(), None)
+        _discard(connection)
+
+    def _open_writer(self) -> Connection:
+        """A new writer, replacing one that is closed, broken, or opened before the latest outage."""
+        _discard(self._writer)
+        self._writer = None
+        self._writer_outages = self._outages
+        self._writer = self.write_engine.connect()
+        return self._writer
 
     def sql(self, statement: str) -> str:
         """Write driver SQL once with ``?`` placeholders; psycopg wants ``%s``."""
@@ -213,3 +273,16 @@ class Database:
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
+
+
+def _discard(connection: Connection | None) -> None:
+    """Close a connection for good, not back into the pool: it may be broken."""
+    if connection is not None and not connection.closed and not connection.invalidated:
+        connection.invalidate()
+
+
+def _raise_unstorable_or_reraise(error: Exception) -> NoReturn:
+    # A value the database refused leaves as the store's own error; anything else unchanged.
+    if (refused := unstorable(error)) is not None and refused is not error:
+        raise refused from error
+    raise error

@@ -35,3 +35,12 @@ class IdempotencyKeyReused(EventStoreError):
 
 class UnknownEventType(EventStoreError):
     """A stored event names a type (or schema version) this codec cannot read."""
+
+
+class DatabaseUnavailable(EventStoreError):
+    """The database cannot be reached now: refused or dropped connections, a lock held past the
+    busy timeout, a file that cannot be opened. Worth retrying; the connection that met it is dropped."""
+
+
+class UnstorableValue(EventStoreError):
+    """A value the database refuses to store as given (PostgreSQL: a NUL character in text)."""

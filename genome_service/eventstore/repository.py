@@ -14,12 +14,13 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cache
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 from sqlalchemy.engine import Connection
 
 from genome_service.domain.common import Decider
+from genome_service.eventstore.driver import execute, fetch_one
 from genome_service.eventstore.records import RecordedEvent
 from genome_service.eventstore.store import EventStore
 
@@ -46,6 +47,14 @@ class Aggregate(msgspec.Struct, Generic[S], frozen=True, gc=False):
             self.created_at or recorded[0].recorded_at,
             recorded[-1].recorded_at,
         )
+
+
+class SnapshotRow(NamedTuple):
+    """A stored snapshot: its version, the fingerprint of the state schema it was written with, its JSON."""
+
+    version: int
+    state_schema: str
+    data: str
 
 
 @cache
@@ -95,16 +104,11 @@ class Repository:
         if connection is None:
             with self.store.database.read() as own:
                 return self._load_snapshot(decider, stream_id, own)
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(self._select_snapshot, (stream_id,))
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
+        row = fetch_one(connection, self._select_snapshot, (stream_id,), SnapshotRow)
         fingerprint, decoder = _snapshot_codec(decider.state_type)
-        if row is None or row[1] != fingerprint:
+        if row is None or row.state_schema != fingerprint:
             return None
-        return decoder.decode(row[2])
+        return decoder.decode(row.data)
 
     def snapshot_if_due(self, connection: Connection, decider: Decider[Any, Any, S], before: int, after: Aggregate[S]) -> bool:
         """Write a snapshot when the stream's version crossed a multiple of ``snapshot_every``."""
@@ -117,15 +121,12 @@ class Repository:
         fingerprint, _ = _snapshot_codec(decider.state_type)
         db = self.store.database
         assert aggregate.updated_at is not None, "only a stream with events has a snapshot"
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(
-                self._upsert_snapshot,
-                (aggregate.stream_id, decider.stream_type, aggregate.version, fingerprint,
-                 msgspec.json.encode(aggregate).decode(), db.to_db_time(aggregate.updated_at)),
-            )
-        finally:
-            cursor.close()
+        execute(
+            connection,
+            self._upsert_snapshot,
+            (aggregate.stream_id, decider.stream_type, aggregate.version, fingerprint,
+             msgspec.json.encode(aggregate).decode(), db.to_db_time(aggregate.updated_at)),
+        )
 
 
 def _usable(snapshot: Aggregate[Any], to_version: int | None, as_of: datetime | None) -> bool:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy.engine import Connection
 
 from genome_service.eventstore.codec import EventCodec
 from genome_service.eventstore.database import Database
+from genome_service.eventstore.driver import execute, execute_many, fetch_all, fetch_one, fetch_value
 from genome_service.eventstore.errors import (
     ConcurrencyConflict,
     IdempotencyKeyReused,
@@ -41,6 +42,36 @@ _metadata_encoder = msgspec.json.Encoder()
 _metadata_decoder = msgspec.json.Decoder(EventMetadata)
 
 
+class EventRow(NamedTuple):
+    """A row of ``events``, as stored (``_COLUMNS``)."""
+
+    position: int
+    stream_id: str
+    stream_type: str
+    version: int
+    type: str
+    schema_version: int
+    data: str
+    metadata: str
+    recorded_at: Any  # ISO 8601 text on SQLite, a datetime on PostgreSQL
+
+
+class AppendState(NamedTuple):
+    """What an append checks first: its stream's head (None for a new stream) and the log's last position."""
+
+    version: int | None
+    stream_type: str | None
+    last_position: int | None
+
+
+class IdempotencyKeyRow(NamedTuple):
+    """The append an idempotency key made: its stream and the positions it recorded."""
+
+    stream_id: str
+    first_position: int
+    last_position: int
+
+
 class EventStore:
     def __init__(self, database: Database, codec: EventCodec, sealer: Sealer | None = None) -> None:
         """``sealer``: seals the personal fields of the event types it names (none without one)."""
@@ -50,9 +81,7 @@ class EventStore:
         sql = database.sql
         self._first_event = sql("SELECT data FROM events WHERE stream_id = ? AND version = 1")
         self._insert = sql(f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-        self._stream_head = sql(
-            "SELECT version, stream_type FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1"
-        )
+        self._stream_version = sql("SELECT version FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1")
         # The stream's head and the log's last position in one round trip.
         self._append_state = sql(
             "SELECT head.version, head.stream_type, (SELECT max(position) FROM events) FROM (SELECT 1) AS one "
@@ -100,48 +129,42 @@ class EventStore:
             raise ValueError("append needs at least one event")
         if isinstance(expected, int) and expected < 1:
             raise ValueError("an exact expected version is >= 1; use Expect.NO_STREAM for a new stream")
-        cursor = connection.connection.cursor()
-        try:
-            if self.database.dialect == "postgresql":
-                cursor.execute("LOCK TABLE events IN EXCLUSIVE MODE")
-            key = metadata.idempotency_key
-            if key is not None:
-                prior = self._replay(connection, cursor, key, stream_id)
-                if prior is not None:
-                    return prior
-            cursor.execute(self._append_state, (stream_id,))
-            head_version, head_type, last_position = cursor.fetchone()
-            actual, last_position = head_version or 0, last_position or 0
-            if head_type is not None and head_type != stream_type:
-                raise StreamTypeMismatch(stream_id, stream_type, head_type)
-            if not _matches(expected, actual):
-                raise ConcurrencyConflict(stream_id, expected, actual)
-            recorded_at = datetime.now(UTC)
-            db_time = self.database.to_db_time(recorded_at)
-            meta_json = _metadata_encoder.encode(metadata).decode()
-            codec, sealer = self.codec, self.sealer
-            recorded: list[RecordedEvent] = []
-            rows: list[tuple[Any, ...]] = []
-            for offset, event in enumerate(events, start=1):
-                type_name = codec.type_of(event)
-                schema_version = codec.schema_version(type_name)
-                position, version = last_position + offset, actual + offset
-                data = codec.encode(event)
-                if sealer is not None and sealer.seals(type_name):
-                    first = rows[0][6] if rows and actual == 0 else None
-                    data = self._seal(connection, stream_id, version, type_name, data, first)
-                rows.append(
-                    (position, stream_id, stream_type, version, type_name, schema_version, data, meta_json, db_time)
-                )
-                recorded.append(
-                    RecordedEvent(position, stream_id, stream_type, version, type_name,
-                                  schema_version, event, metadata, recorded_at)
-                )
-            cursor.executemany(self._insert, rows)
-            if key is not None:
-                cursor.execute(self._insert_key, (key, stream_id, recorded[0].position, recorded[-1].position))
-        finally:
-            cursor.close()
+        if self.database.dialect == "postgresql":
+            execute(connection, "LOCK TABLE events IN EXCLUSIVE MODE")
+        key = metadata.idempotency_key
+        if key is not None:
+            prior = self._replay(connection, key, stream_id)
+            if prior is not None:
+                return prior
+        state = fetch_one(connection, self._append_state, (stream_id,), AppendState)
+        assert state is not None, "the append state query answers one row, even on an empty log"
+        actual, last_position = state.version or 0, state.last_position or 0
+        if state.stream_type is not None and state.stream_type != stream_type:
+            raise StreamTypeMismatch(stream_id, stream_type, state.stream_type)
+        if not _matches(expected, actual):
+            raise ConcurrencyConflict(stream_id, expected, actual)
+        recorded_at = datetime.now(UTC)
+        db_time = self.database.to_db_time(recorded_at)
+        meta_json = _metadata_encoder.encode(metadata).decode()
+        codec, sealer = self.codec, self.sealer
+        recorded: list[RecordedEvent] = []
+        rows: list[EventRow] = []
+        for offset, event in enumerate(events, start=1):
+            type_name = codec.type_of(event)
+            schema_version = codec.schema_version(type_name)
+            position, version = last_position + offset, actual + offset
+            data = codec.encode(event)
+            if sealer is not None and sealer.seals(type_name):
+                first = rows[0].data if rows and actual == 0 else None
+                data = self._seal(connection, stream_id, version, type_name, data, first)
+            rows.append(EventRow(position, stream_id, stream_type, version, type_name, schema_version, data, meta_json, db_time))
+            recorded.append(
+                RecordedEvent(position, stream_id, stream_type, version, type_name,
+                              schema_version, event, metadata, recorded_at)
+            )
+        execute_many(connection, self._insert, rows)
+        if key is not None:
+            execute(connection, self._insert_key, (key, stream_id, recorded[0].position, recorded[-1].position))
         return AppendResult(stream_id, tuple(recorded))
 
     def _seal(self, connection: Connection, stream_id: str, version: int, type_name: str, data: str, first: str | None) -> str:
@@ -152,39 +175,30 @@ class EventStore:
         subject = sealer.subject_in(type_name, raw)
         if subject is None:
             if first is None:
-                cursor = connection.connection.cursor()
-                try:
-                    cursor.execute(self._first_event, (stream_id,))
-                    row = cursor.fetchone()
-                finally:
-                    cursor.close()
-                first = row[0] if row else "{}"
+                first = fetch_value(connection, self._first_event, (stream_id,)) or "{}"
             subject = sealer.subject_in(type_name, msgspec.json.decode(first))
         if subject is None:
             raise ValueError(f"{type_name} in stream {stream_id} names no subject to seal its personal data for")
         key = sealer.keys.for_writing(connection, subject)
         return msgspec.json.encode(sealer.seal(key, subject, stream_id, version, type_name, raw)).decode()
 
-    def _replay(self, connection: Connection, cursor: Any, key: str, stream_id: str) -> AppendResult | None:
-        cursor.execute(self._find_key, (key,))
-        row = cursor.fetchone()
-        if row is None:
+    def _replay(self, connection: Connection, key: str, stream_id: str) -> AppendResult | None:
+        prior = fetch_one(connection, self._find_key, (key,), IdempotencyKeyRow)
+        if prior is None:
             return None
-        if row[0] != stream_id:
-            raise IdempotencyKeyReused(key, stream_id, row[0])
-        cursor.execute(self._select_range, (row[1], row[2]))
-        return AppendResult(stream_id, tuple(self._decode_rows(cursor.fetchall(), connection)), replayed=True)
+        if prior.stream_id != stream_id:
+            raise IdempotencyKeyReused(key, stream_id, prior.stream_id)
+        return self._replayed(connection, prior)
 
     def find_idempotent(self, key: str) -> AppendResult | None:
         """The append an idempotency key already made, if any (read-only, outside a write)."""
         with self.database.read() as connection:
-            cursor = connection.connection.cursor()
-            cursor.execute(self._find_key, (key,))
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            cursor.execute(self._select_range, (row[1], row[2]))
-            return AppendResult(row[0], tuple(self._decode_rows(cursor.fetchall(), connection)), replayed=True)
+            prior = fetch_one(connection, self._find_key, (key,), IdempotencyKeyRow)
+            return None if prior is None else self._replayed(connection, prior)
+
+    def _replayed(self, connection: Connection, prior: IdempotencyKeyRow) -> AppendResult:
+        rows = fetch_all(connection, self._select_range, (prior.first_position, prior.last_position), EventRow)
+        return AppendResult(prior.stream_id, tuple(self._decode_rows(rows, connection)), replayed=True)
 
     # Reading
     def read_stream(
@@ -218,6 +232,8 @@ class EventStore:
             after_position = batch[-1].position
 
     def last_position(self, connection: Connection | None = None) -> int:
+        # Through SQLAlchemy on purpose: it opens the read transaction (SQLite's BEGIN), so the
+        # driver-level reads after it on the same connection (the projection checkpoint) see the same snapshot.
         if connection is not None:
             return connection.exec_driver_sql(self._last_position).scalar() or 0
         with self.database.read() as own:
@@ -225,24 +241,15 @@ class EventStore:
 
     def stream_version(self, stream_id: str) -> int:
         with self.database.read() as connection:
-            cursor = connection.connection.cursor()
-            cursor.execute(self._stream_head, (stream_id,))
-            row = cursor.fetchone()
-            return row[0] if row else 0
+            return fetch_value(connection, self._stream_version, (stream_id,)) or 0
 
     def _fetch(self, statement: str, params: Sequence[Any], connection: Connection | None) -> list[RecordedEvent]:
         if connection is None:
             with self.database.read() as own:
                 return self._fetch(statement, params, own)
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(statement, tuple(params))
-            rows = cursor.fetchall()
-        finally:
-            cursor.close()
-        return self._decode_rows(rows, connection)
+        return self._decode_rows(fetch_all(connection, statement, tuple(params), EventRow), connection)
 
-    def _decode_rows(self, rows: Sequence[Sequence[Any]], connection: Connection) -> list[RecordedEvent]:
+    def _decode_rows(self, rows: Sequence[EventRow], connection: Connection) -> list[RecordedEvent]:
         decode, from_time = self.codec.decode, self.database.from_db_time
         opened = self._open_sealed(rows, connection)
         metadata_cache: dict[str, EventMetadata] = {}
@@ -258,21 +265,23 @@ class EventStore:
             )
         return out
 
-    def _open_sealed(self, rows: Sequence[Sequence[Any]], connection: Connection) -> dict[int, Any]:
+    def _open_sealed(self, rows: Sequence[EventRow], connection: Connection) -> dict[int, Any]:
         """The events among ``rows`` that carry sealed fields, opened with their subjects' keys (one query)."""
         sealer = self.sealer
         if sealer is None:
             return {}
-        parsed = {row[0]: msgspec.json.decode(row[6]) for row in rows if sealer.seals(row[4])}
+        parsed = {row.position: msgspec.json.decode(row.data) for row in rows if sealer.seals(row.type)}
         subjects = {s for raw in parsed.values() if (s := sealer.subject_of(raw)) is not None}
         keys = sealer.keys.for_reading(connection, subjects) if subjects else {}
         opened = {}
-        for position, stream_id, _, version, type_name, schema_version, *_ in rows:
-            raw = parsed.get(position)
+        for row in rows:
+            raw = parsed.get(row.position)
             if raw is not None:
                 subject = sealer.subject_of(raw)
                 key = keys[subject] if subject is not None else None
-                opened[position] = self.codec.decode_raw(type_name, schema_version, sealer.open(key, stream_id, version, type_name, raw))
+                opened[row.position] = self.codec.decode_raw(
+                    row.type, row.schema_version, sealer.open(key, row.stream_id, row.version, row.type, raw)
+                )
         return opened
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from genome_service.eventstore.data_keys import DataKeys
+from genome_service.eventstore.driver import execute, fetch_value
 from genome_service.eventstore.records import AppendResult, RecordedEvent
 from genome_service.eventstore.repository import Aggregate, Repository
 from genome_service.projections.read_models import ReadModel
@@ -93,20 +94,10 @@ class Projector:
                 for key in model.forget(connection, subject_id)]
 
     def checkpoint(self, connection: Connection) -> int:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(self._select_checkpoint, (self.name,))
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-        return row[0] if row else 0
+        return fetch_value(connection, self._select_checkpoint, (self.name,)) or 0
 
     def _set_checkpoint(self, connection: Connection, position: int) -> None:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(self._upsert_checkpoint, (self.name, position))
-        finally:
-            cursor.close()
+        execute(connection, self._upsert_checkpoint, (self.name, position))
 
     def _apply(self, connection: Connection, events: Sequence[RecordedEvent], folded: Folded) -> None:
         touched = self._fold(connection, events, folded)

@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from genome_service.eventstore.driver import fetch_all, fetch_one
 from genome_service.projections.columns import decoder
 
 Row = dict[str, Any]
@@ -18,12 +19,7 @@ Row = dict[str, Any]
 def get_row(connection: Connection, table: sa.Table, key: str, value: str) -> Row | None:
     """One row by its key, read on the driver: the hot path of every GET by id."""
     reader = _reader(table, key, connection.dialect.name)
-    cursor = connection.connection.cursor()
-    try:
-        cursor.execute(reader.statement, (value,))
-        raw = cursor.fetchone()
-    finally:
-        cursor.close()
+    raw = fetch_one(connection, reader.statement, (value,))
     if raw is None:
         return None
     return {name: decode(v) for name, decode, v in zip(reader.names, reader.decoders, raw, strict=True)}
@@ -35,12 +31,7 @@ def get_row_with_children(
     """One row by its key and its child rows (a genome and its stack) in one statement: a GET's
     second round trip cost as much as its first. The children's table names the parent by ``key`` too."""
     reader = _family_reader(table, key, children, order_by, connection.dialect.name)
-    cursor = connection.connection.cursor()
-    try:
-        cursor.execute(reader.statement, (value,))
-        raws = cursor.fetchall()
-    finally:
-        cursor.close()
+    raws = fetch_all(connection, reader.statement, (value,))
     if not raws:
         return None
     width = len(reader.names)
@@ -62,12 +53,7 @@ def child_rows(connection: Connection, table: sa.Table, parent_key: str, parent_
         f"SELECT {', '.join(names)} FROM {table.name} WHERE {parent_key} IN ({', '.join([mark] * len(parent_ids))}) "
         f"ORDER BY {parent_key}, {order_by}"
     )
-    cursor = connection.connection.cursor()
-    try:
-        cursor.execute(statement, tuple(parent_ids))
-        return [dict(zip(names, raw, strict=True)) for raw in cursor.fetchall()]
-    finally:
-        cursor.close()
+    return [dict(zip(names, raw, strict=True)) for raw in fetch_all(connection, statement, tuple(parent_ids))]
 
 
 class _Reader:

@@ -24,6 +24,7 @@ from genome_service.domain.knowledge import KNOWLEDGE
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
 from genome_service.eventstore.data_keys import DataKeys, SubjectErased
+from genome_service.eventstore.driver import execute_chunks, execute_many
 from genome_service.eventstore.repository import Aggregate
 from genome_service.projections.columns import encoder
 from genome_service.projections.sealed_columns import seal_rows
@@ -136,7 +137,6 @@ class RowWriter:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.dialect = connection.dialect.name
-        self.mark = "?" if self.dialect == "sqlite" else "%s"
 
     def upsert(self, table: sa.Table, key: str, rows: list[Row]) -> None:
         self._executemany(_prepared(table, self.dialect, key), rows)
@@ -146,22 +146,11 @@ class RowWriter:
             self._executemany(_prepared(table, self.dialect, None), rows)
 
     def delete_where_in(self, table: sa.Table, column: str, values: list[Any]) -> None:
-        cursor = self.connection.connection.cursor()
-        try:
-            for start in range(0, len(values), self.CHUNK):
-                chunk = values[start : start + self.CHUNK]
-                cursor.execute(f"DELETE FROM {table.name} WHERE {column} IN ({', '.join([self.mark] * len(chunk))})", chunk)
-        finally:
-            cursor.close()
+        execute_chunks(self.connection, f"DELETE FROM {table.name} WHERE {column} IN ({{}})", values, self.CHUNK)
 
     def _executemany(self, prepared: _Insert, rows: list[Row]) -> None:
         pairs = prepared.pairs
-        values = [tuple(encode(row[name]) for name, encode in pairs) for row in rows]
-        cursor = self.connection.connection.cursor()
-        try:
-            cursor.executemany(prepared.statement, values)
-        finally:
-            cursor.close()
+        execute_many(self.connection, prepared.statement, [tuple(encode(row[name]) for name, encode in pairs) for row in rows])
 
 
 class _Insert:

@@ -9,6 +9,7 @@ projection rebuilds, index rebuilds.
 from __future__ import annotations
 
 from genome_service.domain.persona import PERSONA, ErasePersona
+from genome_service.eventstore.driver import execute_chunks
 from genome_service.eventstore.records import EventMetadata, Expect
 from genome_service.services.bootstrap import Services
 
@@ -42,14 +43,7 @@ def erase_persona(services: Services, persona_id: str, metadata: EventMetadata) 
 
 def _delete_snapshots(connection, streams: list[str]) -> None:  # type: ignore[no-untyped-def]
     # Streams of personal data are no longer snapshotted, but ones written before may be.
-    mark = "?" if connection.dialect.name == "sqlite" else "%s"
-    cursor = connection.connection.cursor()
-    try:
-        for start in range(0, len(streams), 500):
-            chunk = streams[start:start + 500]
-            cursor.execute(f"DELETE FROM snapshots WHERE stream_id IN ({', '.join([mark] * len(chunk))})", chunk)
-    finally:
-        cursor.close()
+    execute_chunks(connection, "DELETE FROM snapshots WHERE stream_id IN ({})", streams)
 
 
 def _scrub(services: Services) -> None:

@@ -2,10 +2,25 @@
 
 Domain rules raise ``DomainError`` from the aggregates; these are the refusals that come
 before any aggregate decides: a resource the caller may not see, one that is archived, a
-change only its owner may make, or input the service cannot read.
+change only its owner may make, or input the service cannot read. The event store's errors
+(a stale version, a database that cannot be reached, a value it cannot store) pass through.
 """
 
 from __future__ import annotations
+
+# The store's own errors reach every front door through here, wrapped once at its boundary.
+from genome_service.eventstore.data_keys import SubjectErased
+from genome_service.eventstore.errors import (
+    ConcurrencyConflict,
+    DatabaseUnavailable,
+    IdempotencyKeyReused,
+    UnstorableValue,
+)
+
+__all__ = [
+    "ConcurrencyConflict", "DatabaseUnavailable", "Forbidden", "Gone", "IdempotencyKeyReused", "InvalidRequest",
+    "NotFound", "PersonaDataErased", "SubjectErased", "UnstorableValue",
+]
 
 
 class NotFound(Exception):

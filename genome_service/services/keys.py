@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
 from genome_service.eventstore.database import Database
+from genome_service.eventstore.driver import fetch_one
 from genome_service.projections.columns import utc
 
 PREFIX = "gsk"
@@ -55,7 +56,7 @@ class IssuedKey(msgspec.Struct, frozen=True):
     secret: str  # shown once, never stored
 
 
-_table = ApiKeyRow.__table__  # type: ignore[attr-defined]
+_table = SQLModel.metadata.tables["api_keys"]
 
 
 def _hash(key: str) -> str:
@@ -117,20 +118,10 @@ class KeyStore:
 
     def _query_any_active(self) -> bool:
         with self.database.read() as connection:
-            cursor = connection.connection.cursor()
-            try:
-                cursor.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1")
-                return cursor.fetchone() is not None
-            finally:
-                cursor.close()
+            return fetch_one(connection, "SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1") is not None
 
     def _active_key(self, connection: Connection, key_id: str) -> tuple[str, str] | None:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(self._select_owner, (key_id,))
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
+        row = fetch_one(connection, self._select_owner, (key_id,))
         return None if row is None else (row[0], row[1])
 
     def owner_of(self, presented: str) -> str | None:
