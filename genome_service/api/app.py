@@ -17,6 +17,7 @@ from genome_service.academy.worker import embedded_worker
 from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
 from genome_service.api.conventions import bound, dependencies
+from genome_service.api.documented_limits import document_limits
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.health import HealthController
 from genome_service.api.metrics import RequestMetrics
@@ -94,6 +95,7 @@ def create_app(services: Services) -> Litestar:
         ),
     )
     document_conventions(app.openapi_schema, REQUEST_TYPES)
+    document_limits(app.openapi_schema, settings)
     academy.document_events(app.openapi_schema)
     chat.document_chat(app.openapi_schema)
     chat.document_chat(app.openapi_schema, "/v1/chat/completions")

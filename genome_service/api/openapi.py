@@ -2,12 +2,15 @@
 
 Litestar documents each handler's success and a generic 400; the conventions
 every route shares (problem+json errors, If-Match, Idempotency-Key, ETag, bearer
-keys, refused unknown fields) are added here once instead of on every handler.
+keys, refused unknown fields) are added here once instead of on every handler,
+and each error response lists the rules it may name (`x-rules`, from `documented_rules`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import msgspec
 from litestar.openapi.spec import (
@@ -24,10 +27,13 @@ from litestar.openapi.spec import (
 )
 
 from genome_service.api.auth import PUBLIC_PATHS
+from genome_service.api.conventions import MAX_IDEMPOTENCY_KEY
+from genome_service.api.documented_rules import rules_of
 
 SSE = "text/event-stream"
 _PROBLEM = Reference(ref="#/components/schemas/ProblemDetails")
 _STRING = Schema(type=OpenAPIType.STRING)
+_IDEMPOTENCY_KEY = Schema(type=OpenAPIType.STRING, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
 _ETAG = OpenAPIHeader(schema=_STRING, description='The stream version, e.g. "3"; send it back as If-Match.')
 _READ_ERRORS = {400: "Malformed request", 401: "Missing, unknown or revoked API key", 404: "No such resource visible to the caller",
                 410: "Archived", 429: "Rate limited (see Retry-After)", 503: "The database does not answer"}
@@ -35,6 +41,13 @@ _WRITE_ERRORS = _READ_ERRORS | {403: "Only the owner may change it", 409: "The r
                                 412: "If-Match names a stale version", 413: "Body too large",
                                 415: "Wrong content type", 422: "A domain rule or the adapter refused it"}
 _SEARCH_ERRORS = {422: "Empty query text, k out of range, or a vector of the wrong dimension, not finite or zero"}
+
+
+@dataclass
+class RuledResponse(OpenAPIResponse):
+    """An error response that lists, as `x-rules`, every `rule` its problem details may name."""
+
+    rules: list[str] | None = field(default=None, metadata={"alias": "x-rules"})
 
 
 def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.Struct]]) -> None:
@@ -63,9 +76,11 @@ def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.S
             if path.endswith("/search"):
                 errors = errors | _SEARCH_ERRORS
             responses = dict(operation.responses or {})
+            rules = rules_of(operation.operation_id or "", re.findall(r"{(\w+)}", path), write=method != "get")
             for status, description in errors.items():
-                responses[str(status)] = OpenAPIResponse(
-                    description=description, content={"application/problem+json": OpenAPIMediaType(schema=_PROBLEM)}
+                responses[str(status)] = RuledResponse(
+                    description=description, content={"application/problem+json": OpenAPIMediaType(schema=_PROBLEM)},
+                    rules=rules.get(status, []),
                 )
             # A single resource, or a write that returns one, carries its version.
             if path.endswith("}") or method != "get":
@@ -75,14 +90,14 @@ def document_conventions(schema: OpenAPI, request_types: Iterable[type[msgspec.S
             operation.responses = responses
             parameters = list(operation.parameters or [])
             if method in ("put", "patch", "delete"):
-                parameters.append(_header("If-Match", 'Apply only if the resource is still at this version (an ETag, e.g. "3"); else 412.'))
+                parameters.append(_header("If-Match", _STRING, 'Apply only if the resource is still at this version (an ETag, e.g. "3"); else 412.'))
             if method == "post":
-                parameters.append(_header("Idempotency-Key", "A retry with the same key answers with the first response and changes nothing; the same key with another method, path, query or body gets 422."))
+                parameters.append(_header("Idempotency-Key", _IDEMPOTENCY_KEY, "A retry with the same key answers with the first response and changes nothing; the same key with another method, path, query or body gets 422."))
             operation.parameters = parameters
 
 
-def _header(name: str, description: str) -> Parameter:
-    return Parameter(name=name, param_in="header", required=False, schema=_STRING, description=description)  # type: ignore[arg-type]
+def _header(name: str, schema: Schema, description: str) -> Parameter:
+    return Parameter(name=name, param_in="header", required=False, schema=schema, description=description)  # type: ignore[arg-type]
 
 
 def document_json_or_sse(schema: OpenAPI, path: str, method: str, description: str) -> None:

@@ -24,8 +24,13 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
+# Below this a temperature runs greedy: dividing float32 logits by a smaller one may overflow to
+# inf (NaN probabilities), and sampling at it already picks the top token but for gaps under 1e-4.
+GREEDY_BELOW = 1e-6
+
+
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
@@ -40,6 +45,10 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_tokens: expected at least 1, got {self.max_tokens}")
         if any(not stop for stop in self.stop):
             raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class Token(msgspec.Struct, frozen=True):

@@ -275,7 +275,7 @@ def _projection_sites(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Mo
 
 def _sampler(sampling: Sampling) -> Callable[[mx.array], mx.array]:
     """mlx-lm's greedy or top-p sampling, with its own seeded key and a non-finite check."""
-    if sampling.temperature == 0.0:
+    if sampling.greedy:
         pick = greedy_sampler
     else:
         # A key per request (not mx.random's global state): the same seed gives the same

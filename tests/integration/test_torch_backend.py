@@ -166,6 +166,14 @@ def test_greedy_without_a_stack_generates_what_transformers_generate_does(
     assert text == AutoTokenizer.from_pretrained(tiny_model).decode(new, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("temperature", [2.2250738585e-313, 1e-9])
+def test_a_temperature_too_small_to_divide_by_runs_greedy_instead_of_failing(backend: TorchBackend, temperature: float) -> None:
+    # Found by the contract fuzzer: logits / 2e-313 overflowed to inf and sampling failed on NaN.
+    greedy = collect(backend.generate(QUESTION, None, Sampling(max_tokens=8)))
+    tiny = collect(backend.generate(QUESTION, None, Sampling(max_tokens=8, temperature=temperature, seed=1)))
+    assert tiny[1].reason != "error" and tiny == greedy
+
+
 def test_100_alternating_requests_load_the_base_once_and_match_fresh_loads(tiny_model: Path) -> None:
     personas = {
         "ada": assemble(scaled(three_layers(tiny_model, seed=10), 10.0)),
