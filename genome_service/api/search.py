@@ -95,6 +95,7 @@ class KnowledgeController(Controller):
         self, command: NamedDependency[Command], persona_id: FromPath[str], data: MultipartBody[dict[str, Any]],
     ) -> list[KnowledgeDocument]:
         """Upload text or markdown files (UTF-8), each one document of the persona's knowledge."""
+        self.knowledge.writable(command.caller, persona_id)  # an unknown persona is 404 before the parts are read
         return self.knowledge.upload(command, persona_id, uploaded_files(data))
 
     @get("/", operation_id="listKnowledge", sync_to_thread=False)

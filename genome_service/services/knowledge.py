@@ -83,6 +83,10 @@ class KnowledgeBase:
         self.services = services
         self.personas = Personas(services)
 
+    def writable(self, caller: Caller, persona_id: str) -> None:
+        """Refuses unless the persona is the caller's and live: whose knowledge the caller may change."""
+        self.personas.visible(caller, persona_id)
+
     # Commands
     def add(self, command: Command, persona_id: str, text: str, *, title: str = "note", media_type: str = "text/plain") -> KnowledgeDocument:
         """Add a text to a live persona's knowledge."""

@@ -111,7 +111,8 @@ def seed(seeded: Seeded) -> None:
         return response.json()["id"]
 
     with seeded.server.client(seeded.key) as client:
-        personas = [created("POST", "/personas", json={"name": name}) for name in ("Ada", "Grace")]
+        # Each with the genome it speaks with: an academy session needs one.
+        personas = [created("POST", "/personas", json={"name": name, "base_model": BASE}) for name in ("Ada", "Grace")]
         genomes = [
             created("POST", "/genomes", json={"persona_id": personas[0], "base_model": BASE, "name": name})
             for name in ("main", "spare")
