@@ -31,7 +31,7 @@ from genome_service.services.genomes import Genomes
 from genome_service.services.knowledge import KnowledgeBase
 from genome_service.services.layers import Layers
 from genome_service.services.personas import Personas
-from genome_service.services.search import LayerSearch
+from genome_service.services.search import LayerDiscovery
 from genome_service.settings import Settings
 
 log = logging.getLogger("genome_service")
@@ -109,7 +109,7 @@ def _controllers(services: Services, runtime: ChatRuntime, academy_engine: Share
         bound(genomes.GenomeController, genomes=Genomes(services)),
         bound(personas.PersonaController, personas=owned_personas),
         layers.layer_controller(Layers(services), services.settings.max_adapter_bytes),
-        bound(search.LayerSearchController, discovery=LayerSearch(services)),
+        bound(search.LayerSearchController, discovery=LayerDiscovery(services)),
         bound(search.KnowledgeController, knowledge=KnowledgeBase(services)),
         bound(chat.ChatController, chat=chats, conversations=Conversations(services)),
         bound(openai_compat.OpenAIController, chat=chats, personas=owned_personas),

@@ -22,7 +22,7 @@ from genome_service.domain.layer import TraitType
 from genome_service.services.context import Caller, Command
 from genome_service.services.knowledge import KnowledgeBase, KnowledgeDocument, KnowledgePassage
 from genome_service.services.reads import MAX_PAGE, Page
-from genome_service.services.search import LayerMatches, LayerQuery, LayerSearch as LayerDiscovery
+from genome_service.services.search import LayerDiscovery, LayerMatches, LayerQuery
 
 
 class LenientJSONRequest(Request[Any, Any, State]):

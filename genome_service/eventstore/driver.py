@@ -8,7 +8,8 @@ driver error that means "the database cannot be reached now" leaves as ``Databas
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar, overload
 
 import psycopg
@@ -71,21 +72,29 @@ def _raise_unavailable_or_reraise(error: Exception) -> NoReturn:
     raise wrapped from error
 
 
+@contextmanager
+def _cursor(connection: Connection) -> Iterator[Any]:
+    """The connection's driver cursor, closed after use; an unreachable database or a refused
+    value leaves as the store's own error."""
+    try:
+        cursor = connection.connection.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+    except Exception as error:
+        _raise_unavailable_or_reraise(error)
+
+
 @overload
 def fetch_one(connection: Connection, statement: str, params: Params = ...) -> tuple[Any, ...] | None: ...
 @overload
 def fetch_one(connection: Connection, statement: str, params: Params, row: type[R]) -> R | None: ...
 def fetch_one(connection: Connection, statement: str, params: Params = (), row: type[Any] | None = None) -> Any:
     """The first row of ``statement`` (as ``row`` when given), or None."""
-    try:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(statement, params)
-            raw = cursor.fetchone()
-        finally:
-            cursor.close()
-    except Exception as error:
-        _raise_unavailable_or_reraise(error)
+    with _cursor(connection) as cursor:
+        cursor.execute(statement, params)
+        raw = cursor.fetchone()
     return raw if row is None or raw is None else row._make(raw)
 
 
@@ -101,40 +110,22 @@ def fetch_all(connection: Connection, statement: str, params: Params = ...) -> l
 def fetch_all(connection: Connection, statement: str, params: Params, row: type[R]) -> list[R]: ...
 def fetch_all(connection: Connection, statement: str, params: Params = (), row: type[Any] | None = None) -> list[Any]:
     """Every row of ``statement`` (each as ``row`` when given)."""
-    try:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(statement, params)
-            raws = cursor.fetchall()
-        finally:
-            cursor.close()
-    except Exception as error:
-        _raise_unavailable_or_reraise(error)
+    with _cursor(connection) as cursor:
+        cursor.execute(statement, params)
+        raws = cursor.fetchall()
     return raws if row is None else list(map(row._make, raws))
 
 
 def execute(connection: Connection, statement: str, params: Params = ()) -> None:
     """Run a statement that returns no rows."""
-    try:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(statement, params)
-        finally:
-            cursor.close()
-    except Exception as error:
-        _raise_unavailable_or_reraise(error)
+    with _cursor(connection) as cursor:
+        cursor.execute(statement, params)
 
 
 def execute_many(connection: Connection, statement: str, rows: Sequence[Params]) -> None:
     """Run a statement once per row of parameters, in one driver call."""
-    try:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.executemany(statement, rows)
-        finally:
-            cursor.close()
-    except Exception as error:
-        _raise_unavailable_or_reraise(error)
+    with _cursor(connection) as cursor:
+        cursor.executemany(statement, rows)
 
 
 def execute_chunks(connection: Connection, statement: str, values: Sequence[Any], size: int = 500) -> None:

@@ -42,7 +42,7 @@ class LayerQuery(msgspec.Struct, frozen=True, kw_only=True):
     tags: list[str] = []
 
 
-class LayerSearch:
+class LayerDiscovery:
     def __init__(self, services: Services) -> None:
         self.services = services
 
