@@ -46,6 +46,10 @@ def bound(controller: C, **features: object) -> C:
 
 
 def dependencies(services: Services) -> dict[str, Provide]:
+    """``caller`` (who asks, set by the key middleware) and ``command`` (the caller, the event
+    metadata of this request and the version its If-Match expects), chained so that a handler
+    taking both resolves them one after the other, never in a task group."""
+
     def caller(request: Request[Any, Any, Any]) -> Caller:
         return request.user  # type: ignore[no-any-return]  # set by ApiKeyAuthentication
 

@@ -1,1 +1,2 @@
-"""Command handlers: load aggregate -> decide -> append (+ inline projections)."""
+"""Feature services, one module per resource (reads, access rules, commands), over the command
+handler (load aggregate -> decide -> append, + inline projections) that every write goes through."""
