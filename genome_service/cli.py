@@ -356,6 +356,36 @@ def model_register(
     ctx.obj.say(f"registered {spec.name}: {spec.num_hidden_layers} blocks, hidden size {spec.hidden_size}")
 
 
+MCP_CLIENT_CONFIG = """Example: genome-service mcp --key gsk_...
+
+A client's configuration (Claude Desktop, Cursor, the MCP Inspector):
+
+\b
+  {"mcpServers": {"genome-service": {
+     "command": "genome-service", "args": ["mcp"],
+     "env": {"GENOME_API_KEY": "gsk_...", "GENOME_DATA_DIR": "/path/to/data"}}}}
+
+Over HTTP instead, a running `genome-service serve` answers at http://HOST:PORT/mcp
+(streamable HTTP, with the key as Authorization: Bearer)."""
+
+
+@app.command(epilog=MCP_CLIENT_CONFIG)
+def mcp(
+    ctx: typer.Context,
+    key: Annotated[Optional[str], typer.Option(envvar="GENOME_API_KEY", help="Act as this API key's owner (env GENOME_API_KEY); none: open mode, while no key exists.")] = None,  # noqa: UP045
+) -> None:
+    """Serve the MCP tools (personas, knowledge, layers, the Academy) over stdio to one client."""
+    from genome_service.mcp.stdio import serve_stdio
+    from genome_service.services.errors import Unauthorized
+
+    context: Context = ctx.obj
+    with context.services() as services:
+        try:
+            serve_stdio(services, key)
+        except Unauthorized as error:
+            raise UserError(str(error)) from None
+
+
 @app.command(epilog='Example: genome-service generate --layers 3f9a0c1b:0.8,77d2e4aa:0.5 --max-tokens 64 "What is the capital of France?"')
 def generate(
     ctx: typer.Context,

@@ -20,18 +20,12 @@ from genome_service.api.conventions import bound, dependencies
 from genome_service.api.documented_limits import document_limits
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
 from genome_service.api.health import HealthController
+from genome_service.api.mcp_mount import mcp_mount
 from genome_service.api.metrics import RequestMetrics
 from genome_service.api.openapi import document_conventions
 from genome_service.chat.runtime import ChatRuntime
-from genome_service.chat.service import Chat
-from genome_service.services.academy_sessions import AcademySessions
+from genome_service.mcp.server import Features, features_of
 from genome_service.services.bootstrap import Services, build
-from genome_service.services.conversations import Conversations
-from genome_service.services.genomes import Genomes
-from genome_service.services.knowledge import KnowledgeBase
-from genome_service.services.layers import Layers
-from genome_service.services.personas import Personas
-from genome_service.services.search import LayerDiscovery
 from genome_service.settings import Settings
 
 log = logging.getLogger("genome_service")
@@ -81,8 +75,11 @@ def create_app(services: Services) -> Litestar:
             identifier_for_request=_rate_limit_identity,
         )
         middleware.insert(1, limit.middleware)
+    features = features_of(services, runtime)
+    mcp, mcp_lifespan = mcp_mount(features, settings.host)
     app = Litestar(
-        route_handlers=[HealthController, metrics.controller(), *_controllers(services, runtime, academy_engine)],
+        route_handlers=[HealthController, metrics.controller(), mcp,
+                        *_controllers(features, academy_engine, settings.max_adapter_bytes)],
         dependencies={"services": Provide(provide_services, sync_to_thread=False), **dependencies(services)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
@@ -90,6 +87,7 @@ def create_app(services: Services) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         on_startup=[catch_up, *([worker.start] if worker else [])],
         on_shutdown=[*([worker.stop] if worker else []), runtime.close, services.close],
+        lifespan=[mcp_lifespan],
         openapi_config=OpenAPIConfig(
             title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
         ),
@@ -102,18 +100,17 @@ def create_app(services: Services) -> Litestar:
     return app
 
 
-def _controllers(services: Services, runtime: ChatRuntime, academy_engine: SharedEngine) -> list[type[Controller]]:
+def _controllers(features: Features, academy_engine: SharedEngine, max_adapter_bytes: int) -> list[type[Controller]]:
     """Each controller bound to the feature services it translates HTTP for (one instance of each per app)."""
-    chats, owned_personas = Chat(services, runtime), Personas(services)
     return [
-        bound(genomes.GenomeController, genomes=Genomes(services)),
-        bound(personas.PersonaController, personas=owned_personas),
-        layers.layer_controller(Layers(services), services.settings.max_adapter_bytes),
-        bound(search.LayerSearchController, discovery=LayerDiscovery(services)),
-        bound(search.KnowledgeController, knowledge=KnowledgeBase(services)),
-        bound(chat.ChatController, chat=chats, conversations=Conversations(services)),
-        bound(openai_compat.OpenAIController, chat=chats, personas=owned_personas),
-        bound(academy.AcademyController, sessions=AcademySessions(services), engine=academy_engine),
+        bound(genomes.GenomeController, genomes=features.genomes),
+        bound(personas.PersonaController, personas=features.personas),
+        layers.layer_controller(features.layers, max_adapter_bytes),
+        bound(search.LayerSearchController, discovery=features.discovery),
+        bound(search.KnowledgeController, knowledge=features.knowledge),
+        bound(chat.ChatController, chat=features.chat, conversations=features.conversations),
+        bound(openai_compat.OpenAIController, chat=features.chat, personas=features.personas),
+        bound(academy.AcademyController, sessions=features.sessions, engine=academy_engine),
     ]
 
 

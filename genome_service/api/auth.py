@@ -15,10 +15,9 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from genome_service.services.context import Caller
+from genome_service.services.context import OPEN_OWNER, Caller
 from genome_service.services.keys import KeyStore
 
-OPEN_OWNER = "local"
 PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema"]
 _PUBLIC_PREFIXES = tuple(PUBLIC_PATHS)
 

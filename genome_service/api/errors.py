@@ -14,42 +14,19 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
-    HTTP_403_FORBIDDEN,
-    HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
-    HTTP_410_GONE,
     HTTP_412_PRECONDITION_FAILED,
-    HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
 from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
-from genome_service.domain.common import DomainError
-from genome_service.services.errors import (
-    ConcurrencyConflict,
-    DatabaseUnavailable,
-    Forbidden,
-    Gone,
-    IdempotencyKeyReused,
-    InvalidRequest,
-    NotFound,
-    PersonaDataErased,
-    SubjectErased,
-    UnstorableValue,
-)
-from genome_service.services.handler import IdempotencyKeyMismatch
-from genome_service.services.indexes import SearchRefused
-from inference.lora.adapter import AdapterRejected
-from inference.models import UnknownModel
-from rag.index import VectorError
+from genome_service.services.errors import ConcurrencyConflict, DatabaseUnavailable, UnstorableValue
+from genome_service.services.refusals import REFUSED, refusal
 
 log = logging.getLogger("genome_service.api")
 PROBLEM_BASE = "https://genome-service.dev/problems/"
-
-# Rules that mean "the resource is in a state that forbids this", not "your input is wrong".
-_CONFLICT_SUFFIXES = ("_exists", "_already_attached", "_archived", "_deprecated", "_finished", "_not_allowed")
 
 
 def problem(status: int, rule: str, detail: str, **extra: Any) -> ProblemDetailsException:
@@ -59,11 +36,10 @@ def problem(status: int, rule: str, detail: str, **extra: Any) -> ProblemDetails
     )
 
 
-def _domain(exc: DomainError) -> ProblemDetailsException:
-    if exc.rule.endswith("_not_found"):
-        return problem(HTTP_404_NOT_FOUND, exc.rule, exc.message)
-    status = HTTP_409_CONFLICT if exc.rule.endswith(_CONFLICT_SUFFIXES) else HTTP_422_UNPROCESSABLE_ENTITY
-    return problem(status, exc.rule, exc.message)
+def _refused(exc: Exception) -> ProblemDetailsException:
+    found = refusal(exc)
+    assert found is not None, f"{type(exc).__name__} is registered as a refusal"
+    return problem(found.status, found.rule, found.detail)
 
 
 def _conflict(request: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Response[Any]:
@@ -93,22 +69,8 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
         ProblemDetailsConfig(
             exception_to_problem_detail_map={
                 HTTPException: _http,
-                DomainError: _domain,
-                IdempotencyKeyReused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_reused", str(e)),
-                IdempotencyKeyMismatch: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "idempotency_key_mismatch", str(e)),
-                AdapterRejected: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.reason, str(e)),
-                UnknownModel: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, "unknown_base_model", str(e)),
-                SearchRefused: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),
-                VectorError: lambda e: problem(HTTP_422_UNPROCESSABLE_ENTITY, e.rule, str(e)),
-                ChatRefused: lambda e: problem(e.status, e.rule, str(e)),
-                ChatUnavailable: lambda e: problem(HTTP_503_SERVICE_UNAVAILABLE, "model_unavailable", str(e)),
-                NotFound: lambda e: problem(HTTP_404_NOT_FOUND, f"{e.kind}_not_found", str(e)),
-                Gone: lambda e: problem(HTTP_410_GONE, f"{e.kind}_archived", str(e)),
-                PersonaDataErased: lambda e: problem(HTTP_410_GONE, "persona_erased", str(e)),
-                Forbidden: lambda e: problem(HTTP_403_FORBIDDEN, "forbidden", str(e)),
-                InvalidRequest: lambda e: problem(HTTP_400_BAD_REQUEST, "bad_request", str(e)),
-                # A write racing an erasure: the persona's key is gone, so nothing more is recorded.
-                SubjectErased: lambda e: problem(HTTP_410_GONE, "persona_erased", str(e)),
+                # These three have handlers of their own below (If-Match, Retry-After, the text rule).
+                **dict.fromkeys({*REFUSED, ChatRefused, ChatUnavailable} - set(EXCEPTION_HANDLERS), _refused),
             }
         )
     )

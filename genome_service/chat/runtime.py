@@ -30,6 +30,9 @@ REMOTE_CONTEXT = 4096
 class ChatUnavailable(RuntimeError):
     """No model can be loaded (not pulled, unknown, or the backend failed to start)."""
 
+    status = 503
+    rule = "model_unavailable"
+
 
 class Loaded(msgspec.Struct, frozen=True):
     engine: Engine

@@ -12,7 +12,10 @@ import msgspec
 
 from genome_service.eventstore.records import EventMetadata
 
-__all__ = ["Caller", "Command", "EventMetadata", "command_metadata"]
+__all__ = ["OPEN_OWNER", "Caller", "Command", "EventMetadata", "command_metadata"]
+
+# Who every request acts as while no API key exists (open mode, loopback only).
+OPEN_OWNER = "local"
 
 
 class Caller(msgspec.Struct, frozen=True):

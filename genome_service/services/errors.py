@@ -19,7 +19,7 @@ from genome_service.eventstore.errors import (
 
 __all__ = [
     "ConcurrencyConflict", "DatabaseUnavailable", "Forbidden", "Gone", "IdempotencyKeyReused", "InvalidRequest",
-    "NotFound", "PersonaDataErased", "SubjectErased", "UnstorableValue",
+    "NotFound", "PersonaDataErased", "SubjectErased", "Unauthorized", "UnstorableValue",
 ]
 
 
@@ -48,6 +48,10 @@ class PersonaDataErased(Exception):
 
 class Forbidden(Exception):
     """The caller may see the resource but not change it (another owner's public layer)."""
+
+
+class Unauthorized(Exception):
+    """The caller's key is unknown or was revoked (a long-lived MCP session checks it on every call)."""
 
 
 class InvalidRequest(ValueError):

@@ -116,6 +116,13 @@ class Personas:
 
         return self.services.database.read_through(("personas", owner, archived, limit, cursor), load)
 
+    def genome_id(self, caller: Caller, persona_id: str) -> str:
+        """The genome a live persona of the caller's speaks with; ``genome_not_found`` when it has none."""
+        genome_id = self.get(caller, persona_id).genome_id
+        if genome_id is None:
+            raise NotFound("genome", f"of persona {persona_id}")
+        return genome_id
+
     def events(self, caller: Caller, persona_id: str) -> list[EventView]:
         """The persona's whole history, oldest first."""
         self.visible(caller, persona_id, live=False)

@@ -1,5 +1,5 @@
-"""The HTTP layer translates a protocol only: its modules import the feature services, never the
-store, the read models or SQL, and each handler is a few statements over one service call."""
+"""The front doors translate a protocol only: the HTTP and MCP modules import the feature services,
+never the store, the read models or SQL, and each HTTP handler is a few statements over one service call."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-API = Path(__file__).resolve().parents[2] / "genome_service" / "api"
+PACKAGE = Path(__file__).resolve().parents[2] / "genome_service"
+API = PACKAGE / "api"
 FORBIDDEN = ("genome_service.projections", "genome_service.eventstore", "sqlalchemy", "sqlmodel")
 HTTP_METHODS = {"get", "post", "put", "patch", "delete", "route"}
 MAX_STATEMENTS = 3
 MODULES = sorted(API.glob("*.py"))
+FRONT_DOORS = sorted([*MODULES, *(PACKAGE / "mcp").glob("*.py")])
 
 
 def imported_modules(tree: ast.Module) -> list[str]:
@@ -58,8 +60,8 @@ def handlers(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and is_handler(node, wrapped)]
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.name)
-def test_an_api_module_imports_no_store_read_model_or_sql(module: Path) -> None:
+@pytest.mark.parametrize("module", FRONT_DOORS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_front_door_module_imports_no_store_read_model_or_sql(module: Path) -> None:
     imports = imported_modules(ast.parse(module.read_text(encoding="utf-8")))
     assert [name for name in imports if name.startswith(FORBIDDEN)] == []
 

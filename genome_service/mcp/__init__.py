@@ -1,0 +1,1 @@
+"""The MCP server: personas, knowledge, layers and the Academy as tools and resources for agents."""
