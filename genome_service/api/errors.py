@@ -17,12 +17,11 @@ from litestar.status_codes import (
     HTTP_409_CONFLICT,
     HTTP_412_PRECONDITION_FAILED,
     HTTP_500_INTERNAL_SERVER_ERROR,
-    HTTP_503_SERVICE_UNAVAILABLE,
 )
 
 from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
-from genome_service.services.errors import ConcurrencyConflict, DatabaseUnavailable, UnstorableValue
+from genome_service.services.errors import ConcurrencyConflict, DatabaseUnavailable
 from genome_service.services.refusals import REFUSED, refusal
 
 log = logging.getLogger("genome_service.api")
@@ -69,7 +68,7 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
         ProblemDetailsConfig(
             exception_to_problem_detail_map={
                 HTTPException: _http,
-                # These three have handlers of their own below (If-Match, Retry-After, the text rule).
+                # These have handlers of their own below (If-Match, Retry-After).
                 **dict.fromkeys({*REFUSED, ChatRefused, ChatUnavailable} - set(EXCEPTION_HANDLERS), _refused),
             }
         )
@@ -82,18 +81,14 @@ DATABASE_RETRY_AFTER_SECONDS = 1
 
 def _database_down(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[Any]:
     log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-    response = problem(HTTP_503_SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; try again").to_response(request)
+    response = _refused(exc).to_response(request)
     response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
     return response
 
 
-def _bad_text(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    # Non-UTF-8 bytes in a multipart text part, or a NUL character PostgreSQL cannot store.
-    detail = (
-        "a multipart part without a filename must be UTF-8 text; send adapter files with a filename"
-        if isinstance(exc, UnicodeDecodeError)
-        else "text values cannot contain NUL characters or invalid byte sequences"
-    )
+def _not_utf8(request: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Any]:
+    # Non-UTF-8 bytes in a multipart text part: Litestar decodes it before any handler runs.
+    detail = "a multipart part without a filename must be UTF-8 text; send adapter files with a filename"
     return problem(HTTP_400_BAD_REQUEST, "invalid_text", detail).to_response(request)
 
 
@@ -105,7 +100,6 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 EXCEPTION_HANDLERS = {
     ConcurrencyConflict: _conflict,
     DatabaseUnavailable: _database_down,
-    UnstorableValue: _bad_text,
-    UnicodeDecodeError: _bad_text,
+    UnicodeDecodeError: _not_utf8,
     Exception: _unexpected,
 }

@@ -38,16 +38,8 @@ class LenientJSONRequest(Request[Any, Any, State]):
         return self._json
 
 
-class LayerSearch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class LayerSearch(LayerQuery, frozen=True, forbid_unknown_fields=True):
     """Exactly one of ``text``, ``vector`` or ``like_layer_id``."""
-
-    text: str | None = None
-    vector: list[float] | None = None
-    like_layer_id: str | None = None
-    k: int = 10
-    trait_type: TraitType | None = None
-    base_model: str | None = None
-    tags: list[str] = []
 
 
 class KnowledgeCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,7 +68,7 @@ class LayerSearchController(Controller):
     @post("/", operation_id="searchLayers", status_code=200, sync_to_thread=True, request_class=LenientJSONRequest)
     def search(self, caller: NamedDependency[Caller], data: JSONBody[LayerSearch]) -> LayerMatches:
         """Layers most similar to a text, a vector, or another layer (`like_layer_id`, itself left out)."""
-        return self.discovery.find(caller, msgspec.convert(data, LayerQuery, from_attributes=True))
+        return self.discovery.find(caller, data)
 
 
 class KnowledgeController(Controller):

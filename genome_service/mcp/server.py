@@ -236,8 +236,7 @@ def _academy_tools(server: MCPServer, f: Features, caller_of: CallerOf) -> None:
     ) -> dict[str, Any]:
         """An Academy session's status, training step and latest loss, and its last events."""
         caller = caller_of(ctx)
-        session = await _blocking(lambda: f.sessions.get(caller, session_id))
-        history = await _blocking(lambda: f.sessions.history(caller, session_id))
+        session, history = await _blocking(lambda: (f.sessions.get(caller, session_id), f.sessions.history(caller, session_id)))
         return {"session": _plain(session), "events": _plain(history[len(history) - events:] if events else [])}
 
     @server.tool(annotations=REPLACE)
