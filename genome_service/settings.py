@@ -68,6 +68,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Requests waiting for the model beyond this are refused; seconds one request may take.
     inference_queue_size: int = 64
     inference_timeout: float = 300.0
+    # Continuous batching (torch): rows decoded together, their KV tokens (rows x padded
+    # length) admitted at most, and prompt tokens prefilled between two decode steps.
+    inference_max_batch: int = 8
+    inference_max_batch_tokens: int = 16_384
+    inference_prefill_chunk: int = 256
+    # openai backend: requests sent to the server at once (it batches them on its side).
+    openai_concurrency: int = 16
     # RAG: layer search and persona knowledge (``rag/``, ``genome_service/services/indexes.py``).
     # Where the FAISS indexes are saved with their log position; default: ``data_dir/index``.
     index_dir: Path | None = None
@@ -132,6 +139,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         if not self.inference_timeout > 0:
             raise ValueError("GENOME_INFERENCE_TIMEOUT must be > 0 seconds")
+        batching = (self.inference_max_batch, self.inference_max_batch_tokens, self.inference_prefill_chunk)
+        if min(*batching, self.openai_concurrency) < 1:
+            raise ValueError(
+                "GENOME_INFERENCE_MAX_BATCH, GENOME_INFERENCE_MAX_BATCH_TOKENS, GENOME_INFERENCE_PREFILL_CHUNK "
+                "and GENOME_OPENAI_CONCURRENCY must be >= 1"
+            )
         if not 1 <= self.chat_default_max_tokens <= self.chat_max_tokens_limit or self.chat_context_k < 0:
             raise ValueError("GENOME_CHAT_DEFAULT_MAX_TOKENS must be within 1..GENOME_CHAT_MAX_TOKENS_LIMIT; GENOME_CHAT_CONTEXT_K >= 0")
         if not self.chat_timeout > 0 or self.chat_context_tokens < 0:

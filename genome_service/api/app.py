@@ -14,7 +14,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
-from genome_service.api import academy, chat, genomes, layers, openai_compat, personas, search
+from genome_service.api import academy, chat, genomes, inference, layers, openai_compat, personas, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
 from genome_service.api.conventions import bound, dependencies
 from genome_service.api.documented_limits import document_limits
@@ -79,7 +79,7 @@ def create_app(services: Services) -> Litestar:
     mcp, mcp_lifespan = mcp_mount(features, settings.host)
     app = Litestar(
         route_handlers=[HealthController, metrics.controller(), mcp,
-                        *_controllers(features, academy_engine, settings.max_adapter_bytes)],
+                        *_controllers(features, academy_engine, runtime, settings.max_adapter_bytes)],
         dependencies={"services": Provide(provide_services, sync_to_thread=False), **dependencies(services)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
@@ -100,7 +100,9 @@ def create_app(services: Services) -> Litestar:
     return app
 
 
-def _controllers(features: Features, academy_engine: SharedEngine, max_adapter_bytes: int) -> list[type[Controller]]:
+def _controllers(
+    features: Features, academy_engine: SharedEngine, runtime: ChatRuntime, max_adapter_bytes: int
+) -> list[type[Controller]]:
     """Each controller bound to the feature services it translates HTTP for (one instance of each per app)."""
     return [
         bound(genomes.GenomeController, genomes=features.genomes),
@@ -111,6 +113,7 @@ def _controllers(features: Features, academy_engine: SharedEngine, max_adapter_b
         bound(chat.ChatController, chat=features.chat, conversations=features.conversations),
         bound(openai_compat.OpenAIController, chat=features.chat, personas=features.personas),
         bound(academy.AcademyController, sessions=features.sessions, engine=academy_engine),
+        bound(inference.InferenceController, runtime=runtime),
     ]
 
 

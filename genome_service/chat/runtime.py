@@ -17,7 +17,7 @@ import msgspec
 from genome_service.services.bootstrap import Services
 from genome_service.services.stacks import StackResolver
 from inference.backends.base import ChatMessage
-from inference.engine import Engine
+from inference.engine import Engine, EngineStats
 from inference.models import ModelCatalog, ModelNotPulled, UnknownModel
 
 # Without a local tokenizer (the openai backend) tokens are estimated; three characters a
@@ -34,6 +34,20 @@ class ChatUnavailable(RuntimeError):
     rule = "model_unavailable"
 
 
+class PersonaFigures(msgspec.Struct, frozen=True):
+    persona_id: str
+    requests: int
+    completion_tokens: int
+    errors: int
+    mean_queue_wait_ms: float
+
+
+class InferenceStats(msgspec.Struct, frozen=True, kw_only=True):
+    loaded: bool  # the model loads on the first chat
+    engine: EngineStats | None  # its labels are given as `personas` instead
+    personas: list[PersonaFigures]
+
+
 class Loaded(msgspec.Struct, frozen=True):
     engine: Engine
     resolver: StackResolver
@@ -41,6 +55,11 @@ class Loaded(msgspec.Struct, frozen=True):
     context: int  # tokens: prompt + completion
     count_prompt: Callable[[Sequence[ChatMessage]], int]
     count_text: Callable[[str], int]
+
+
+def persona_label(owner: str, persona_id: str) -> str:
+    """How a persona's requests are labelled in the engine's figures (its owner first)."""
+    return f"{owner}/{persona_id}"
 
 
 class ChatRuntime:
@@ -62,6 +81,19 @@ class ChatRuntime:
                     self._loaded = loaded
         return self._loaded
 
+    def stats(self, owner: str) -> InferenceStats:
+        """The engine's figures (none before the first chat loads it), per persona only for `owner`'s."""
+        engine = self.engine
+        if engine is None:
+            return InferenceStats(loaded=False, engine=None, personas=[])
+        figures = engine.stats()
+        mine = f"{owner}/"
+        personas = [
+            PersonaFigures(entry.label[len(mine):], entry.requests, entry.completion_tokens, entry.errors, entry.mean_queue_wait_ms)
+            for entry in figures.labels if entry.label.startswith(mine)
+        ]  # fmt: skip
+        return InferenceStats(loaded=True, engine=msgspec.structs.replace(figures, labels=[]), personas=personas)
+
     async def close(self) -> None:
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
@@ -77,7 +109,13 @@ class ChatRuntime:
             backend, folder = open_configured_backend(settings, catalog)
         except (UnknownModel, ModelNotPulled) as error:
             raise ChatUnavailable(str(error)) from None
-        engine = Engine(backend, max_queue=settings.inference_queue_size, timeout=settings.chat_timeout)
+        engine = Engine(
+            backend, max_queue=settings.inference_queue_size, timeout=settings.chat_timeout,
+            max_batch=settings.inference_max_batch, max_batch_tokens=settings.inference_max_batch_tokens,
+            prefill_chunk=settings.inference_prefill_chunk,
+            # A remote server batches concurrent requests itself; mlx-lm runs one at a time here.
+            concurrency=settings.openai_concurrency if backend.name == "openai" else 1,
+        )  # fmt: skip
         count_prompt, count_text, context = _counters(folder)
         return Loaded(engine, StackResolver(self.services, spec), settings.inference_model,
                       settings.chat_context_tokens or context, count_prompt, count_text)

@@ -15,7 +15,7 @@ from contextlib import aclosing
 import msgspec
 
 from genome_service.chat.prompt import Prompt, PromptTooLong, assemble, fit_history
-from genome_service.chat.runtime import ChatRuntime, Loaded
+from genome_service.chat.runtime import ChatRuntime, Loaded, persona_label
 from genome_service.domain.conversation import (
     CONVERSATION,
     Citation,
@@ -89,7 +89,8 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
     loaded = await runtime.ready()
     prepared = await asyncio.to_thread(prepare_turn, services, loaded, request)
     try:
-        events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling)
+        events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling,
+                                      label=persona_label(request.owner, request.persona_id))
     except QueueFull as error:
         raise ChatRefused(429, "inference_busy", str(error)) from None
     parts: list[str] = []

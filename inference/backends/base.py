@@ -7,13 +7,16 @@ engine runs `generate` in a worker thread and stops it through `cancelled`. Loca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import msgspec
 import numpy as np
 
 from inference.lora.stack import LoraStack
+
+if TYPE_CHECKING:
+    from inference.guards import Guard
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "repetition", "error", "cancelled"]
@@ -92,6 +95,65 @@ class Backend(Protocol):
     def loads(self) -> int:
         """How many times this backend has loaded the base model."""
         ...
+
+
+class BatchRow(Protocol):
+    """One request in a `DecodeBatch`."""
+
+    guard: Guard  # turns its sampled ids into Tokens and its one Finish
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not run yet (an upper bound before the prefix cache is looked up)."""
+        ...
+
+
+class DecodeBatch(Protocol):
+    """Rows decoded together by one forward pass per step; only the engine's thread calls it."""
+
+    rebuilds: int  # how often the rows' union of layers was rebuilt
+
+    @property
+    def rows(self) -> Sequence[BatchRow]:
+        """The joined rows: those `forward` decodes."""
+        ...
+
+    @property
+    def union_rank(self) -> int: ...
+
+    def open(self, messages: Sequence[ChatMessage], stack: LoraStack | None, sampling: Sampling) -> BatchRow | Finish:
+        """A row for the request, or its Finish if it cannot run; a misfit stack raises `StackMismatch`."""
+        ...
+
+    def kv_tokens(self, joining: Sequence[int] = ()) -> int:
+        """Rows x padded length, were rows with these prompt lengths to join."""
+        ...
+
+    def prefill(self, row: BatchRow, limit: int) -> object | None:
+        """Run up to `limit` more prompt tokens; at the prompt's end join the row and return its logits."""
+        ...
+
+    def forward(self) -> Mapping[BatchRow, object]:
+        """One decode step of every joined row: each row's logits."""
+        ...
+
+    def sample(self, row: BatchRow, logits: object) -> list[Token | Finish]:
+        """The row's next token drawn with its own generator, as the events it gives."""
+        ...
+
+    def remove(self, row: BatchRow) -> None:
+        """Drop a row that ended (or never joined)."""
+        ...
+
+
+@runtime_checkable
+class BatchingBackend(Backend, Protocol):
+    """A backend whose engine runs many requests in one forward pass (continuous batching)."""
+
+    def batch(self, *, prefill_chunk: int) -> DecodeBatch: ...
 
 
 @runtime_checkable

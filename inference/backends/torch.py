@@ -23,8 +23,9 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from inference.guards import Guard, RepetitionRule
 from inference.lora.adapter import PARENTS
 from inference.lora.stack import LoraStack
 from inference.models import PROJECTIONS
+
+if TYPE_CHECKING:
+    from inference.backends.torch_batch import TorchBatch, Union
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "layers.{i}.{module}" -> (A_cat, B_cat)
 _HEAD = "lm_head"  # the output projection's key among a stack's layers
@@ -54,16 +58,24 @@ def pick_device(requested: str = "auto") -> str:
 
 
 class LoraLinear(nn.Module):
-    """A linear layer (plain or packed) plus the active stack's low-rank term for it."""
+    """A linear layer (plain or packed) plus the active stack's low-rank term for it.
+
+    One request: a = A_cat, b = B_cat (already scaled), no gains. A batch of rows with
+    different stacks: a = A_U, b = B_U and per-row gains G (rows, 1, R_U), see `torch_batch`.
+    """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.a = torch.empty(0)
         self.b = torch.empty(0)
+        self.gains: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.a), self.b)
+        low = F.linear(x, self.a)
+        if self.gains is not None:
+            low = low * self.gains
+        return self.base(x) + F.linear(low, self.b)
 
 
 class PackedLinear(nn.Module):
@@ -151,9 +163,9 @@ class TorchBackend:
         self.dtype = dtype or (torch.float32 if self.device == "cpu" else torch.bfloat16)
         self._stack_cache_size = stack_cache_size
         self._repetition = repetition
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held around every forward pass
         self._converted: OrderedDict[str, Factors] = OrderedDict()
-        self._active: str | None = None
+        self._active: str | Union | None = None  # a stack's key, or a batch's union
         self._packed: dict[str, nn.Module] | None = None  # made at the first stack: see `_stack_layers`
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self._loads = 0
@@ -183,7 +195,7 @@ class TorchBackend:
         if self._tokenizer.eos_token_id is not None:
             eos_ids.add(self._tokenizer.eos_token_id)
         self._eos = frozenset(eos_ids)
-        self._context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
     # --- the protocol -------------------------------------------------------------------
 
@@ -196,18 +208,24 @@ class TorchBackend:
     ) -> Iterator[Token | Finish]:
         """Yield Tokens, then one Finish; a stack that does not fit raises here, before any token."""
         if stack is not None:
-            self._factors(stack)
+            self.check_stack(stack)
         ids = self.encode_chat(messages)
         return self._stream(ids, stack, sampling, cancelled)
 
     def logits(self, token_ids: Sequence[int], stack: LoraStack | None) -> np.ndarray:
-        with self._lock:
-            self._activate(stack)
+        with self.lock:
+            self.activate_locked(stack)
             with torch.inference_mode():
                 out = self._model(input_ids=torch.tensor([list(token_ids)], device=self.device)).logits[0]
             return out.float().cpu().numpy()
 
-    # --- helpers the engine, CLI and benchmark share --------------------------------------
+    def batch(self, *, prefill_chunk: int = 256) -> TorchBatch:
+        """A batch of rows decoded together, for the engine's scheduler (one per engine)."""
+        from inference.backends.torch_batch import TorchBatch
+
+        return TorchBatch(self, prefill_chunk=prefill_chunk)
+
+    # --- helpers the engine, the batch, CLI and benchmark share -----------------------------
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt ids: the tokenizer's chat template with the assistant turn opened."""
@@ -221,12 +239,12 @@ class TorchBackend:
     def _stream(
         self, ids: list[int], stack: LoraStack | None, sampling: Sampling, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
-        guard = Guard(sampling, self._decode, self._eos, len(ids), self._repetition)
-        if (overflow := guard.over_context(self._context)) is not None:
+        guard = self.guard(sampling, len(ids))
+        if (overflow := guard.over_context(self.context)) is not None:
             yield overflow
             return
-        with self._lock:
-            self._activate(stack)
+        with self.lock:
+            self.activate_locked(stack)
             yield from self._decode_loop(ids, stack.key if stack else None, sampling, guard, cancelled)
 
     def _decode_loop(
@@ -234,23 +252,23 @@ class TorchBackend:
     ) -> Iterator[Token | Finish]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self._model.config)
+        cache = DynamicCache(config=self.config)
         reused = self.prompt_cache.restore(key, ids, cache)
-        generator = self._generator(sampling.seed)
+        generator = self.generator(sampling.seed)
         inputs = torch.tensor([ids[reused:]], device=self.device)
         prefill = True
         while True:
             if cancelled():
                 yield guard.cancel()
                 return
-            logits = self._step(inputs, cache)
+            logits = self.step(inputs, cache)
             if not bool(torch.isfinite(logits).all()):
                 yield guard.nonfinite()
                 return
             if prefill:
                 self.prompt_cache.store(key, ids, cache)
                 prefill = False
-            token_id = _sample(logits, sampling, generator)
+            token_id = sample_token(logits, sampling, generator)
             tokens, finish = guard.push(token_id)
             yield from tokens
             if finish is not None:
@@ -258,14 +276,33 @@ class TorchBackend:
                 return
             inputs = torch.tensor([[token_id]], device=self.device)
 
+    @property
+    def config(self) -> object:
+        return self._model.config
+
+    def guard(self, sampling: Sampling, prompt_tokens: int) -> Guard:
+        return Guard(sampling, self._decode, self._eos, prompt_tokens, self._repetition)
+
     @torch.inference_mode()
-    def _step(self, inputs: torch.Tensor, cache: object) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor, cache: object) -> torch.Tensor:
+        """One forward pass of one row (the lock held): the last position's logits."""
         # logits_to_keep=1: only the last position's logits, as `generate` does; the prompt's
         # full (len, vocab) logits would cost more than the whole prefill.
         out = self._model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float()
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    @torch.inference_mode()
+    def step_batch(
+        self, inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object
+    ) -> torch.Tensor:
+        """One decode step of left-padded rows (the lock held): (rows, vocab) logits."""
+        out = self._model(
+            input_ids=inputs, attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        return out.logits[:, -1].float()
+
+    def generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
@@ -280,18 +317,29 @@ class TorchBackend:
 
     def activate(self, stack: LoraStack | None) -> None:
         """Point the model at `stack` (None: the plain base) between requests; a no-op when it is active."""
-        with self._lock:
-            self._activate(stack)
+        with self.lock:
+            self.activate_locked(stack)
 
-    def _activate(self, stack: LoraStack | None) -> None:
+    def activate_locked(self, stack: LoraStack | None) -> None:
         key = stack.key if stack is not None else None
         if key == self._active:
             return
         factors = self._factors(stack) if stack is not None else {}
-        layers = self._stack_layers() if stack is not None else {}
+        self._point({name: (a, b, None) for name, (a, b) in factors.items()}, packed=stack is not None)
+        self._active = key
+
+    def activate_union_locked(self, union: Union) -> None:
+        """Point the model at a batch's union of layers, each row weighted by its gains."""
+        if self._active is union:
+            return
+        self._point(union.modules, packed=bool(union.modules))
+        self._active = union
+
+    def _point(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], *, packed: bool) -> None:
+        layers = self._stack_layers() if packed else {}
         for name, (parent, attr, linear, lora) in self._slots.items():
             if name in factors:
-                lora.a, lora.b = factors[name]
+                lora.a, lora.b, lora.gains = factors[name]
                 target: nn.Module = lora
             else:
                 target = layers.get(name, linear)
@@ -300,7 +348,6 @@ class TorchBackend:
         head = layers.get(_HEAD, self._head)
         if self._model.get_output_embeddings() is not head:
             self._model.set_output_embeddings(head)
-        self._active = key
 
     def _stack_layers(self) -> dict[str, nn.Module]:
         """What stacks run on instead of the plain linears: packed copies, or none where unavailable."""
@@ -311,6 +358,10 @@ class TorchBackend:
                     lora.base = self._packed[name] = PackedLinear(linear)
                 self._packed[_HEAD] = PackedLinear(self._head)
         return self._packed
+
+    def check_stack(self, stack: LoraStack) -> None:
+        """Raise `StackMismatch` unless every module of `stack` fits this model."""
+        self._factors(stack)
 
     def _factors(self, stack: LoraStack) -> Factors:
         if stack.key in self._converted:
@@ -347,7 +398,8 @@ class TorchBackend:
         return linear
 
 
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """One token id from one row's (vocab,) logits, drawn with that row's own generator."""
     if sampling.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / sampling.temperature, dim=-1)

@@ -130,9 +130,17 @@ def to_canonical(files: Mapping[str, bytes], info: AdapterInfo) -> Canonical:
         # mlx-lm's a/b are the transposes of PEFT's A/B.
         sides.setdefault((block, module), {})[side] = array.T if info.format == "mlx" else array
     return {
-        f"layers.{block}.{module}": (np.ascontiguousarray(s["a"]), np.ascontiguousarray(s["b"]))
+        f"layers.{block}.{module}": (_read_only(s["a"]), _read_only(s["b"]))
         for (block, module), s in sorted(sides.items(), key=lambda item: (item[0][0], PROJECTIONS.index(item[0][1])))
     }
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    # Decoded adapters are shared by every stack that uses them (through the adapter cache,
+    # and by reference in each stack's parts): nobody may write into one.
+    array = np.ascontiguousarray(array)
+    array.flags.writeable = False
+    return array
 
 
 # --- files and config -------------------------------------------------------------------

@@ -13,6 +13,10 @@ B_cat = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (out, R) with R = sum_i r_i, gives
 exactly (a block matrix product), so a backend applies any stack with two matmuls of a
 fixed shape. The layer order is kept as a precedence rule (it fixes the block order and
 the stack's key); it does not change the sum.
+
+A stack also keeps its layers unscaled, as `parts` (each with its gain g_i = w_i s_i and
+its factors shared with the adapter cache, not copied): a batch of rows with different
+stacks needs the layers one by one, to store each once and give each row its own gains.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ StackLayer = tuple[str, float, Canonical, float]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class StackPart:
+    """One layer of a stack: its unscaled factors and the gain w * s it enters the sum with."""
+
+    layer_id: str
+    gain: float  # float32(w * s), the factor assemble() multiplies B by
+    modules: Mapping[str, tuple[np.ndarray, np.ndarray]]  # A (r, in), B (out, r) float32, read-only
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class LoraStack:
     """Rank-concatenated LoRA factors for one ordered, weighted list of layers."""
 
@@ -40,6 +53,7 @@ class LoraStack:
     # "layers.{i}.{module}" -> (A_cat (R, in), B_cat (out, R)) float32; B_cat's block i is
     # already multiplied by w_i * s_i, so y = W x + B_cat @ (A_cat @ x) exactly.
     modules: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    parts: tuple[StackPart, ...]  # the layers with a non-zero weight, in order
 
     @property
     def nbytes(self) -> int:
@@ -64,22 +78,26 @@ def assemble(layers: Sequence[StackLayer]) -> LoraStack:
             if not math.isfinite(value):
                 raise ValueError(f"stack: layer {layer_id!r}: expected a finite {name}, got {value!r}")
     blocks: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    parts = []
     for layer_id, weight, canonical, scale in layers:
         # A zero weight contributes exactly nothing; leaving it out keeps R small.
         if weight == 0.0:
             continue
         factor = np.float32(weight * scale)
+        raw = {}
         for module, (a, b) in canonical.items():
             _check_pair(layer_id, module, a, b, blocks.get(module))
+            raw[module] = (_frozen(a), _frozen(b))
             a_blocks, b_blocks = blocks.setdefault(module, ([], []))
-            a_blocks.append(np.asarray(a, dtype=np.float32))
-            b_blocks.append(np.asarray(b, dtype=np.float32) * factor)
+            a_blocks.append(raw[module][0])
+            b_blocks.append(raw[module][1] * factor)
+        parts.append(StackPart(layer_id, float(factor), raw))
     modules = {
         module: (_frozen(np.concatenate(a_blocks, axis=0)), _frozen(np.concatenate(b_blocks, axis=1)))
         for module, (a_blocks, b_blocks) in blocks.items()
     }
     ordered = tuple((layer_id, float(weight)) for layer_id, weight, _, _ in layers)
-    return LoraStack(key=stack_key(ordered), layers=ordered, modules=modules)
+    return LoraStack(key=stack_key(ordered), layers=ordered, modules=modules, parts=tuple(parts))
 
 
 def _check_pair(
@@ -104,6 +122,9 @@ def _check_pair(
 
 def _frozen(array: np.ndarray) -> np.ndarray:
     # Stacks are shared through a cache; a backend writing into one would corrupt every user.
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    # A float32, contiguous, read-only array (an adapter's, from the cache) is kept as it is.
+    if array.dtype == np.float32 and array.flags.c_contiguous and not array.flags.writeable:
+        return array
+    array = np.array(array, dtype=np.float32, order="C")
     array.flags.writeable = False
     return array

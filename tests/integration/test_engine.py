@@ -198,7 +198,7 @@ def test_metrics_count_tokens_ttft_and_stack_cache_hits(backend: TorchBackend) -
 def test_a_backend_error_ends_that_request_only(backend: TorchBackend) -> None:
     misfit = LoraStack(
         key="misfit", layers=(("x", 1.0),),
-        modules={"layers.9.q_proj": (np.zeros((1, 64), np.float32), np.zeros((64, 1), np.float32))},
+        modules={"layers.9.q_proj": (np.zeros((1, 64), np.float32), np.zeros((64, 1), np.float32))}, parts=(),
     )  # fmt: skip
 
     async def run() -> tuple[Finish, Finish]:

@@ -242,7 +242,7 @@ def test_non_finite_logits_end_the_request_with_an_error(backend: TorchBackend, 
     spec = tiny_spec(tiny_model)
     a = np.full((1, spec.hidden_size), 1e30, np.float32)
     b = np.full((spec.hidden_size, 1), 1e30, np.float32)
-    overflowing = LoraStack(key="overflow", layers=(("huge", 1.0),), modules={"layers.0.q_proj": (a, b)})
+    overflowing = LoraStack(key="overflow", layers=(("huge", 1.0),), modules={"layers.0.q_proj": (a, b)}, parts=())
     events = list(backend.generate(QUESTION, overflowing, Sampling(max_tokens=5)))
     assert events == [Finish("error", events[0].prompt_tokens, 0, "non-finite logits (NaN or Inf) at generated token 1")]
 
@@ -271,7 +271,7 @@ def test_a_stack_that_does_not_fit_the_model_is_refused_before_any_token(
 ) -> None:
     stack = LoraStack(
         key=f"bad-{module}-{a_shape}", layers=(("x", 1.0),),
-        modules={module: (np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32))},
+        modules={module: (np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32))}, parts=(),
     )  # fmt: skip
     with pytest.raises(StackMismatch, match=message):
         backend.generate(QUESTION, stack, Sampling())

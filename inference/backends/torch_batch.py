@@ -1,0 +1,289 @@
+"""Rows with different LoRA stacks decoded together in one forward pass (torch backend).
+
+**Per-row stacks, exactly.** For one projection, let U be the union of the layers the
+rows use, A_U = [A_l] (R_U, in) and B_U = [B_l] (out, R_U) concatenated along the rank
+axis with each layer stored once, and G (rows, R_U) the gains: G[row, cols(l)] = w_l s_l
+for the layers the row's stack holds, 0 elsewhere. Then for row i
+
+    y_i = W x_i + B_U ((A_U x_i) * G_i) = W x_i + sum_{l in stack(i)} w_l s_l B_l (A_l x_i)
+
+which is the row's own stack (`inference.lora.stack`), so the base GEMM runs once for the
+batch and mixed ranks need no padding. U, A_U, B_U and G change only when a row joins or
+leaves; a row holds its `LoraStack` (immutable) from admission to its end, so its gains
+never change under it.
+
+**The KV cache of a changing batch.** Rows are left-padded to the longest one and carry
+explicit positions: row i's new token sits at position len_i whatever the padding, and
+an attention mask hides the pad columns (sdpa). A joining row is prefilled alone, in
+chunks, on the one-request path (with its stack's prompt-prefix reuse), then its cache is
+padded and concatenated into the batch's; a leaving row is dropped with
+`batch_select_indices` and the pad columns no row needs any more are trimmed. A batch of
+one row has no padding and runs exactly the one-request path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from inference.backends.base import ChatMessage, Finish, Sampling, Token
+from inference.backends.torch import sample_token
+from inference.guards import Guard
+from inference.lora.stack import LoraStack, StackPart
+
+if TYPE_CHECKING:
+    from inference.backends.torch import TorchBackend
+
+# Layers kept on the device for the union, least recently used dropped past this.
+_LAYER_CACHE = 64
+
+
+@dataclass(eq=False)
+class TorchRow:
+    """One request in the batch: its prompt, frozen stack, own generator and guard."""
+
+    ids: list[int]
+    stack: LoraStack | None
+    sampling: Sampling
+    guard: Guard
+    generator: torch.Generator
+    cache: object = None  # its own cache while the prompt is prefilled, then None
+    prefilled: int = 0  # prompt tokens in `cache`
+    length: int = 0  # real tokens in the batch cache once joined
+    next_token: int = -1  # fed at the next decode step
+    joined: bool = False
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.ids) - self.prefilled
+
+
+@dataclass(frozen=True, eq=False)
+class Union:
+    """The active rows' layers per projection: A_U, B_U and the rows' gains G (rows, 1, R_U)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    layers: tuple[str, ...]
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _, _ in self.modules.values()), default=0)
+
+
+class TorchBatch:
+    """The engine thread's batch on a `TorchBackend`: open rows, prefill them, decode them together."""
+
+    def __init__(self, backend: TorchBackend, *, prefill_chunk: int = 256) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: expected at least 1, got {prefill_chunk}")
+        self.backend = backend
+        self.prefill_chunk = prefill_chunk
+        self.rows: list[TorchRow] = []  # joined rows, in the cache's batch order
+        self.union: Union | None = None
+        self.rebuilds = 0
+        self._cache: object = None
+        self._mask: torch.Tensor | None = None  # (rows, padded length): 1 real, 0 pad
+        self._layers: OrderedDict[str, tuple[StackPart, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+
+    # --- rows ---------------------------------------------------------------------------
+
+    def open(self, messages: Sequence[ChatMessage], stack: LoraStack | None, sampling: Sampling) -> TorchRow | Finish:
+        """A row for the request, or its Finish when it cannot run (too long for the context).
+
+        A stack that does not fit the model raises `StackMismatch` here, before anything runs.
+        """
+        return self.open_ids(self.backend.encode_chat(messages), stack, sampling)
+
+    def open_ids(self, ids: list[int], stack: LoraStack | None, sampling: Sampling) -> TorchRow | Finish:
+        backend = self.backend
+        if stack is not None:
+            backend.check_stack(stack)
+        guard = backend.guard(sampling, len(ids))
+        if (overflow := guard.over_context(backend.context)) is not None:
+            return overflow
+        return TorchRow(list(ids), stack, sampling, guard, backend.generator(sampling.seed))
+
+    @property
+    def padded_length(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def kv_tokens(self, joining: Sequence[int] = ()) -> int:
+        """Rows x padded length of the batch, were rows of these lengths to join it."""
+        rows = len(self.rows) + len(joining)
+        return rows * max([self.padded_length, *joining])
+
+    @property
+    def union_rank(self) -> int:
+        return self.union.rank if self.union is not None else 0
+
+    def prefill(self, row: TorchRow, limit: int | None = None) -> torch.Tensor | None:
+        """Run the next chunk of `row`'s prompt (at most `limit` tokens, or `prefill_chunk`);
+        when the prompt is done, join the row and return the logits for its first token."""
+        backend = self.backend
+        key = row.stack.key if row.stack is not None else None
+        if row.cache is None:
+            from transformers import DynamicCache
+
+            row.cache = DynamicCache(config=backend.config)
+            row.prefilled = backend.prompt_cache.restore(key, row.ids, row.cache)
+        chunk = row.ids[row.prefilled : row.prefilled + max(1, limit or self.prefill_chunk)]
+        with backend.lock:
+            backend.activate_locked(row.stack)
+            logits = backend.step(torch.tensor([chunk], device=backend.device), row.cache)
+        row.prefilled += len(chunk)
+        if row.prefilled < len(row.ids):
+            return None
+        backend.prompt_cache.store(key, row.ids, row.cache)
+        self._join(row)
+        return logits
+
+    def forward(self) -> dict[TorchRow, torch.Tensor]:
+        """One decode step for every joined row, feeding each its `next_token`: its logits."""
+        backend = self.backend
+        rows = self.rows
+        inputs = torch.tensor([[row.next_token] for row in rows], device=backend.device)
+        assert self._mask is not None
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        with backend.lock:
+            if len(rows) == 1:
+                # No padding to mask: the one-request path, bit for bit.
+                backend.activate_locked(rows[0].stack)
+                logits = backend.step(inputs, self._cache)[None]
+            else:
+                assert self.union is not None
+                backend.activate_union_locked(self.union)
+                positions = torch.tensor([[row.length] for row in rows], device=backend.device)
+                logits = backend.step_batch(inputs, self._mask, positions, self._cache)
+        for row in rows:
+            row.length += 1
+        return dict(zip(rows, logits, strict=True))
+
+    def sample(self, row: TorchRow, logits: torch.Tensor) -> list[Token | Finish]:
+        """Sample `row`'s next token with its own generator; the events it gives."""
+        if not bool(torch.isfinite(logits).all()):
+            return [row.guard.nonfinite()]
+        token_id = sample_token(logits, row.sampling, row.generator)
+        tokens, finish = row.guard.push(token_id)
+        row.next_token = token_id
+        row.tokens.append(token_id)
+        return [*tokens, finish] if finish is not None else list(tokens)
+
+    def remove(self, row: TorchRow) -> None:
+        """Drop `row` (finished, cancelled or timed out) from the batch, or forget it unjoined."""
+        row.cache = None
+        if not row.joined:
+            return
+        row.joined = False
+        index = self.rows.index(row)
+        del self.rows[index]
+        if not self.rows:
+            self._cache = self._mask = self.union = None
+            return
+        keep = [i for i in range(len(self.rows) + 1) if i != index]
+        indices = torch.tensor(keep, device=self.backend.device)
+        self._cache.batch_select_indices(indices)  # type: ignore[attr-defined]
+        assert self._mask is not None
+        self._mask = self._mask[indices]
+        # Columns that are padding in every row left are dead weight in every step.
+        first = int(self._mask.any(dim=0).nonzero()[0])
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:  # type: ignore[attr-defined]
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        self._rebuild()
+
+    # --- joining --------------------------------------------------------------------------
+
+    def _join(self, row: TorchRow) -> None:
+        cache, row.cache = row.cache, None
+        row.length = len(row.ids)
+        row.joined = True
+        mask = torch.ones((1, row.length), dtype=torch.long, device=self.backend.device)
+        if not self.rows:
+            self._cache, self._mask = cache, mask
+        else:
+            assert self._mask is not None
+            width = max(self.padded_length, row.length)
+            batch_pad, row_pad = width - self.padded_length, width - row.length
+            for ours, theirs in zip(self._cache.layers, cache.layers, strict=True):  # type: ignore[attr-defined]
+                ours.keys = torch.cat([_pad_left(ours.keys, batch_pad), _pad_left(theirs.keys, row_pad)])
+                ours.values = torch.cat([_pad_left(ours.values, batch_pad), _pad_left(theirs.values, row_pad)])
+            self._mask = torch.cat([_pad_left(self._mask, batch_pad), _pad_left(mask, row_pad)])
+        self.rows.append(row)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """U, A_U, B_U and G for the rows as they are now."""
+        self.rebuilds += 1
+        parts: dict[str, StackPart] = {}
+        for row in self.rows:
+            for part in row.stack.parts if row.stack is not None else ():
+                parts.setdefault(part.layer_id, part)
+        dtype = self.backend.dtype
+        device = self.backend.device
+        modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        names = sorted({name for part in parts.values() for name in part.modules})
+        tensors = {layer_id: self._layer(part) for layer_id, part in parts.items()}
+        for name in names:
+            columns: dict[str, slice] = {}
+            a_blocks, b_blocks = [], []
+            start = 0
+            for layer_id, factors in tensors.items():
+                if name in factors:
+                    a, b = factors[name]
+                    columns[layer_id] = slice(start, start + a.shape[0])
+                    start += a.shape[0]
+                    a_blocks.append(a)
+                    b_blocks.append(b)
+            gains = np.zeros((len(self.rows), start), dtype=np.float32)
+            for index, row in enumerate(self.rows):
+                for part in row.stack.parts if row.stack is not None else ():
+                    if part.layer_id in columns:
+                        gains[index, columns[part.layer_id]] = part.gain
+            modules[name] = (
+                torch.cat(a_blocks),
+                torch.cat(b_blocks, dim=1),
+                torch.from_numpy(gains).to(device, dtype)[:, None, :],
+            )
+        self.union = Union(modules, tuple(parts))
+
+    def _layer(self, part: StackPart) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`part`'s factors on the device, converted once while it stays in use."""
+        found = self._layers.get(part.layer_id)
+        # The same id always names the same adapter; checking the source arrays as well
+        # means a row can never be given factors converted from other arrays than its own.
+        if found is not None and all(found[0].modules.get(name, (None,))[0] is a for name, (a, _) in part.modules.items()):
+            self._layers.move_to_end(part.layer_id)
+            return found[1]
+        backend = self.backend
+        factors = {
+            name: (
+                torch.tensor(a, device=backend.device, dtype=backend.dtype),
+                torch.tensor(b, device=backend.device, dtype=backend.dtype),
+            )
+            for name, (a, b) in part.modules.items()
+        }
+        self._layers[part.layer_id] = (part, factors)
+        if len(self._layers) > _LAYER_CACHE:
+            self._layers.popitem(last=False)
+        return factors
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` with `width` zero columns before its sequence axis (-2 for K/V, -1 for a mask)."""
+    if width == 0:
+        return tensor
+    axis = -1 if tensor.dim() == 2 else -2
+    shape = list(tensor.shape)
+    shape[axis] = width
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
