@@ -229,3 +229,26 @@ def test_a_closed_engine_refuses_requests(backend: TorchBackend) -> None:
 def test_bad_limits_are_refused(backend: TorchBackend) -> None:
     with pytest.raises(ValueError, match="expected max_queue >= 1 and timeout > 0, got 0 and 1"):
         Engine(backend, max_queue=0, timeout=1)
+
+
+def test_a_backend_that_does_not_batch_runs_up_to_concurrency_requests_at_once(backend: TorchBackend) -> None:
+    """What the openai backend gets: requests go to the server together (it batches them there)."""
+
+    class Together(Gated):
+        # Every request waits here until all three are inside generate: run one after another, they would fail.
+        def __init__(self, backend: TorchBackend) -> None:
+            super().__init__(backend)
+            self.barrier = threading.Barrier(3, timeout=30)
+
+        def generate(self, messages, stack, sampling, cancelled=never_cancelled):  # type: ignore[no-untyped-def]
+            self.barrier.wait()
+            return self.backend.generate(messages, stack, sampling, cancelled)
+
+    async def run() -> tuple[list[Finish], int, str]:
+        async with Engine(Together(backend), concurrency=3) as engine:
+            outcomes = await asyncio.gather(*(drain(engine.stream(QUESTION, None, SHORT)) for _ in range(3)))
+            stats = engine.stats()
+            return [finish for _, finish in outcomes], stats.max_batch, stats.mode
+
+    finishes, width, mode = asyncio.run(run())
+    assert [f.reason for f in finishes] == ["length"] * 3 and (width, mode) == (3, "concurrent")
