@@ -110,7 +110,7 @@ class Guard:
         repetition: RepetitionRule | None = None,
     ) -> None:
         self._max_tokens = sampling.max_tokens
-        self._eos = frozenset(eos_ids)
+        self._eos = frozenset() if sampling.ignore_eos else frozenset(eos_ids)
         self._prompt_tokens = prompt_tokens
         self._detokenizer = Detokenizer(decode)
         self._stops = StopMatcher(sampling.stop)

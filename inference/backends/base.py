@@ -38,6 +38,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Local backends only: generate max_tokens whatever the model says (benchmarks need equal lengths).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
