@@ -283,3 +283,23 @@ def test_the_engine_reports_batches_unions_and_queue_waits_per_label(
     assert registry.get_sample_value("genome_inference_queue_wait_seconds_count") == 6
     assert registry.get_sample_value("genome_inference_union_rebuilds_total") == stats.union_rebuilds
     assert registry.get_sample_value("genome_inference_batch_size") == 0
+
+
+def test_a_personas_next_turn_reuses_its_prompt_prefix_inside_the_batch(
+    backend: TorchBackend, stacks: list[LoraStack | None]
+) -> None:
+    first = [ChatMessage("system", "You are a patient teacher of geography. " * 3), ChatMessage("user", "Where is Peru?")]
+    reply = Sampling(max_tokens=6)
+
+    async def run() -> tuple[int, int]:
+        async with Engine(backend) as engine:
+            answer, _ = await collect(engine, first, stacks[2], reply)
+            before = backend.prompt_cache.reused_tokens
+            second = [*first, ChatMessage("assistant", answer), ChatMessage("user", "And Chile?")]
+            # The next turn runs beside another persona's request: it joins a batch, prefix reused.
+            await asyncio.gather(collect(engine, second, stacks[2], reply), collect(engine, ask(5), stacks[5], Sampling(max_tokens=30)))
+            return before, backend.prompt_cache.reused_tokens
+
+    before, after = asyncio.run(run())
+    system_tokens = len(backend.encode_chat(first[:1]))
+    assert after - before >= system_tokens - 8  # at least the shared system prompt was not computed again
