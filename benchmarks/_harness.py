@@ -229,5 +229,25 @@ def _fmt(cell: Any) -> str:
     return "" if cell is None else str(cell)
 
 
+def goals_met(headline: Mapping[str, Any], goals: Mapping[str, tuple[str, float]]) -> dict[str, bool | None]:
+    """Each goal ``key: (">=" or "<=", target)`` checked against the headline (None: not measured)."""
+    return {
+        f"{key} {op} {target:g}": None if headline[key] is None
+        else (headline[key] >= target if op == ">=" else headline[key] <= target)
+        for key, (op, target) in goals.items()
+    }  # fmt: skip
+
+
+def report(name: str, title: str, full: Mapping[str, Any], directory: Path, watch: Stopwatch) -> None:
+    """Save ``full`` and show its headline: a table, the goals, and the headline as the last stdout line."""
+    headline = full["headline"]
+    path = save_results(name, full, directory)
+    print_table(title, ["figure", "value"],
+                [[key, value] for key, value in headline.items() if key not in ("benchmark", "mode", "goals_met")])
+    log(f"goals: {headline['goals_met']}")
+    log(f"results: {path} ({watch.elapsed:.1f}s)")
+    print(json.dumps(headline))
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -263,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s_8_sequential": round(harness.median(throughput["8"]["sequential_tokens_per_s"]), 1),
         "batch_ratio_8_mlx": round(mlx["ratio"], 3) if "ratio" in mlx else None,
     }
-    headline["goals_met"] = {
-        f"{key} {op} {target:g}": headline[key] >= target if op == ">=" else headline[key] <= target
-        for key, (op, target) in GOALS.items()
-    }
+    headline["goals_met"] = harness.goals_met(headline, GOALS)
     full = {
         "headline": headline,
         "results": results,
@@ -280,15 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": harness.hardware_metadata(PACKAGES),
         "elapsed_s": round(watch.elapsed, 1),
     }
-    path = harness.save_results("batching", full, args.results_dir)
-    harness.print_table(
-        f"batching ({headline['mode']}, {args.tokens} tokens, greedy, EOS ignored)",
-        ["figure", "value"],
-        [[key, value] for key, value in headline.items() if key not in ("benchmark", "mode", "goals_met")],
-    )
-    harness.log(f"goals: {headline['goals_met']}")
-    harness.log(f"results: {path} ({watch.elapsed:.1f}s)")
-    print(json.dumps(headline))
+    harness.report("batching", f"batching ({headline['mode']}, {args.tokens} tokens, greedy, EOS ignored)",
+                   full, args.results_dir, watch)
     return 0
 
 

@@ -425,11 +425,7 @@ def main() -> int:
         "tokens_per_s_mlx": round(harness.median(mlx["ours_tokens_per_s"]), 2) if "base_ratio" in mlx else None,
         "auto_backend": auto,
     }
-    headline["goals_met"] = {
-        f"{key} {op} {target:g}": None if headline[key] is None
-        else (headline[key] >= target if op == ">=" else headline[key] <= target)
-        for key, (op, target) in GOALS.items()
-    }  # fmt: skip
+    headline["goals_met"] = harness.goals_met(headline, GOALS)
     full = {
         "headline": headline,
         "results": results,
@@ -442,15 +438,7 @@ def main() -> int:
         "hardware": harness.hardware_metadata(PACKAGES),
         "elapsed_s": round(watch.elapsed, 1),
     }
-    path = harness.save_results("inference", full, args.results_dir)
-    harness.print_table(
-        f"inference ({headline['mode']}, {args.tokens} tokens, greedy)",
-        ["figure", "value"],
-        [[key, value] for key, value in headline.items() if key not in ("benchmark", "mode", "goals_met")],
-    )
-    harness.log(f"goals: {headline['goals_met']}")
-    harness.log(f"results: {path} ({watch.elapsed:.1f}s)")
-    print(json.dumps(headline))
+    harness.report("inference", f"inference ({headline['mode']}, {args.tokens} tokens, greedy)", full, args.results_dir, watch)
     return 0
 
 

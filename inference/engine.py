@@ -69,8 +69,12 @@ class _Request:
     def deliver(self, events: Iterable[Token | Finish]) -> None:
         """Hand events to the caller's loop (from any thread), one wake-up for all of them."""
         events = list(events)
-        if events:
+        if not events:
+            return
+        try:
             self.loop.call_soon_threadsafe(_put_all, self.events, events)
+        except RuntimeError:  # its loop has closed: nobody is reading any more
+            self.cancel.set()
 
 
 def _put_all(queue: asyncio.Queue[Token | Finish], events: list[Token | Finish]) -> None:
