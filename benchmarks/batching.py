@@ -18,8 +18,8 @@ tokens with EOS ignored, greedy:
   first token, batched (and `_sequential` for the one-at-a-time engine).
 - max_logit_diff: the 8 stacks decoded as one batch, teacher-forced, against each persona
   alone (the one-request forward pass), max |difference| over 16 steps.
-- batch_ratio_8_mlx: the same ratio on the mlx backend, which runs one request at a time
-  (see the README: mlx rows are not batched), so about 1.
+- batch_ratio_8_mlx: the same ratio on the mlx backend (mlx-lm's BatchKVCache, the same
+  per-row gains).
 
 The last line of stdout is one JSON object with the headline figures; the full results go
 to ``benchmarks/results/batching-<UTC timestamp>.json``.
@@ -194,7 +194,7 @@ def bench_mlx(folder: Path, stacks: list[LoraStack], sampling: Sampling, rounds:
     except ImportError as error:
         return {"unavailable": str(error)}
     backend = MlxBackend(folder, repetition=NO_LOOP_GUARD)
-    engine = on_loop(_start(backend))  # mlx does not batch: the engine runs it one request at a time
+    engine = on_loop(_start(backend))
     sequential = on_loop(_start(OneAtATime(backend)))
     try:
         on_loop(_request(engine, stacks[0], Sampling(max_tokens=4)))

@@ -113,8 +113,8 @@ class ChatRuntime:
             backend, max_queue=settings.inference_queue_size, timeout=settings.chat_timeout,
             max_batch=settings.inference_max_batch, max_batch_tokens=settings.inference_max_batch_tokens,
             prefill_chunk=settings.inference_prefill_chunk,
-            # A remote server batches concurrent requests itself; mlx-lm runs one at a time here.
-            concurrency=settings.openai_concurrency if backend.name == "openai" else 1,
+            # torch and mlx batch here; a remote server batches concurrent requests itself.
+            concurrency=settings.openai_concurrency,
         )  # fmt: skip
         count_prompt, count_text, context = _counters(folder)
         return Loaded(engine, StackResolver(self.services, spec), settings.inference_model,

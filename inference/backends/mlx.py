@@ -19,10 +19,10 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,11 +39,15 @@ from inference.lora.adapter import PARENTS
 from inference.lora.stack import LoraStack
 from inference.models import PROJECTIONS
 
+if TYPE_CHECKING:
+    from inference.backends.mlx_batch import MlxBatch
+
 Factors = dict[str, tuple[mx.array, mx.array]]  # "layers.{i}.{module}" -> (A_cat.T, B_cat.T)
 # What the sampler returns for non-finite logits. Still a valid index (mlx wraps negative
 # indices), because generate_step feeds it to the model once before we see it.
 NONFINITE = -1
 BASE = ""  # the prompt cache's name for the model without a stack
+_NO_GAINS = mx.zeros((0,))
 
 
 class LoraLinear(nn.Module):
@@ -54,13 +58,16 @@ class LoraLinear(nn.Module):
         self.base = base
         self.a_t = mx.zeros((0,))
         self.b_t = mx.zeros((0,))
+        self.gains = mx.zeros((0,))  # empty: one request; (rows, 1, R_U): a batch (see mlx_batch)
 
-    def use(self, a_t: mx.array, b_t: mx.array) -> None:
+    def use(self, a_t: mx.array, b_t: mx.array, gains: mx.array | None = None) -> None:
         # Item assignment is what nn.Module's __setattr__ ends in for arrays (a Module is a
         # dict), without its attribute probing: a switch does this for every projection.
-        self["a_t"], self["b_t"] = a_t, b_t
+        self["a_t"], self["b_t"], self["gains"] = a_t, b_t, _NO_GAINS if gains is None else gains
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.gains.size:
+            return self.base(x) + ((x @ self.a_t) * self.gains) @ self.b_t
         # One fused multiply-add instead of a matmul and an add: fewer ops per token.
         return mx.addmm(self.base(x), x @ self.a_t, self.b_t)
 
@@ -95,7 +102,7 @@ class MlxBackend:
         self._wrappers: dict[str, LoraLinear] = {}
         self._stacks: OrderedDict[str, Factors] = OrderedDict()
         self._stack_cache_size = stack_cache_size
-        self._active: Factors = {}
+        self._active: Mapping[str, tuple[mx.array, ...]] = {}
         self._repetition = repetition
         # One model, many requests: a step's graph must be built with its own stack active.
         self._lock = threading.Lock()
@@ -134,7 +141,7 @@ class MlxBackend:
     def _stream(
         self, prompt: list[int], key: str, factors: Factors, sampling: Sampling, cancelled: Callable[[], bool]
     ) -> Iterator[Token | Finish]:
-        guard = Guard(sampling, self._decode, self._tokenizer.eos_token_ids, len(prompt), self._repetition)
+        guard = self.guard(sampling, len(prompt))
         if (overflow := guard.over_context(self._context)) is not None:
             yield overflow
             return
@@ -179,6 +186,54 @@ class MlxBackend:
         # generate_step has already queued the step of the last token, so the cache may hold it.
         with self._prompts_lock:
             self._prompts.insert_cache(key, fed[: cache[0].offset], cache)
+
+    # --- what the batch (`mlx_batch`) uses ------------------------------------------------
+
+    def batch(self, *, prefill_chunk: int = 256) -> MlxBatch:
+        """A batch of rows decoded together, for the engine's scheduler (one per engine)."""
+        from inference.backends.mlx_batch import MlxBatch
+
+        return MlxBatch(self, prefill_chunk=prefill_chunk)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return next(iter(self._sites.values()))[2].weight.dtype
+
+    @property
+    def context(self) -> int:
+        return self._context
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+    def stack_factors(self, stack: LoraStack | None) -> Factors:
+        return self._factors(stack)
+
+    def activate_factors(self, factors: Mapping[str, tuple[mx.array, ...]]) -> None:
+        """(the lock held) Point the projections at a stack's factors or a batch's union."""
+        self._activate(factors)
+
+    def guard(self, sampling: Sampling, prompt_tokens: int) -> Guard:
+        return Guard(sampling, self._decode, self._tokenizer.eos_token_ids, prompt_tokens, self._repetition)
+
+    @staticmethod
+    def sampler(sampling: Sampling) -> Callable[[mx.array], mx.array]:
+        return _sampler(sampling)
+
+    @staticmethod
+    def prompt_key(stack: LoraStack | None) -> str:
+        return stack.key if stack is not None else BASE
+
+    def restore(self, key: str, prompt: list[int]) -> tuple[list[Any], list[int]]:
+        return self._restore(key, prompt)
+
+    def store(self, key: str, fed: list[int], cache: list[Any]) -> None:
+        self._store(key, fed, cache)
 
     # --- helpers the engine, CLI and benchmark share (as on the torch backend) -------------
 
@@ -245,19 +300,20 @@ class MlxBackend:
         mx.eval(factors)
         return factors
 
-    def _activate(self, factors: Factors) -> None:
-        """Point every targeted projection at `factors`; put the plain linears back elsewhere."""
+    def _activate(self, factors: Mapping[str, tuple[mx.array, ...]]) -> None:
+        """Point every targeted projection at `factors` (with a batch's gains, if given); put
+        the plain linears back elsewhere."""
         if factors is self._active:
             return
         for key in self._active.keys() - factors.keys():
             parent, attr, base = self._sites[key]
             setattr(parent, attr, base)
-        for key, (a_t, b_t) in factors.items():
+        for key, arrays in factors.items():
             parent, attr, base = self._sites[key]
             wrapper = self._wrappers.get(key)
             if wrapper is None:
                 wrapper = self._wrappers[key] = LoraLinear(base)
-            wrapper.use(a_t, b_t)
+            wrapper.use(*arrays)
             if parent.get(attr) is not wrapper:
                 setattr(parent, attr, wrapper)
         self._active = factors

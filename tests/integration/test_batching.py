@@ -1,14 +1,16 @@
-"""Continuous batching on the real torch backend (tiny random Llama, fp32): exact per-row stacks,
-rows joining and leaving, per-row generators, cancellation, the KV budget and the metrics.
+"""Continuous batching on the real torch and mlx backends (tiny random Llama, fp32): exact
+per-row stacks, rows joining and leaving, per-row generators, cancellation, the KV budget and
+the metrics.
 
-The reference is the backend's one-request forward pass (`TorchBackend.logits`, which runs a
-stack's rank-concatenated factors and never touches the batch code).
+The reference is the backend's one-request forward pass (`logits`, which runs a stack's
+rank-concatenated factors and never touches the batch code).
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,6 @@ from fixtures.make_adapter import random_canonical
 from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.backends.torch import TorchBackend
-from inference.backends.torch_batch import TorchBatch, TorchRow
 from inference.engine import Engine
 from inference.lora.stack import LoraStack, StackLayer, assemble
 
@@ -28,6 +29,15 @@ STEPS = 32
 @pytest.fixture(scope="module")
 def backend(tiny_model: Path) -> TorchBackend:
     return TorchBackend(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["torch", "mlx"])
+def any_backend(request: pytest.FixtureRequest, tiny_model: Path, backend: TorchBackend) -> Any:
+    """Each backend that batches: the same behaviour is asked of both."""
+    if request.param == "torch":
+        return backend
+    mlx = pytest.importorskip("inference.backends.mlx", reason="mlx-lm is not installed")
+    return mlx.MlxBackend(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +75,23 @@ def stacks(tiny_model: Path) -> list[LoraStack | None]:
     ]
 
 
-def prompts(backend: TorchBackend, count: int) -> list[list[int]]:
+def prompts(backend: Any, count: int) -> list[list[int]]:
     # Different lengths, so rows are padded differently.
     return [backend.encode_chat([ChatMessage("user", "Tell me about the sea. " * (1 + i % 4))]) for i in range(count)]
 
 
-def joined(batch: TorchBatch, ids: list[int], stack: LoraStack | None) -> tuple[TorchRow, np.ndarray]:
+def joined(batch: Any, ids: list[int], stack: LoraStack | None) -> tuple[Any, np.ndarray]:
     row = batch.open_ids(ids, stack, Sampling())
-    assert isinstance(row, TorchRow)
+    assert not isinstance(row, Finish)
     while (logits := batch.prefill(row)) is None:
         pass
-    return row, logits.numpy()
+    return row, np.asarray(logits)
 
 
 def test_each_row_decodes_exactly_with_its_own_stack_as_rows_join_and_leave(
-    backend: TorchBackend, stacks: list[LoraStack | None]
+    any_backend: Any, stacks: list[LoraStack | None]
 ) -> None:
+    backend = any_backend
     ids = prompts(backend, len(stacks))
     forced = [[int(t) for t in np.random.default_rng(i).integers(3, 200, STEPS + 1)] for i in range(len(stacks))]
 
@@ -90,12 +101,12 @@ def test_each_row_decodes_exactly_with_its_own_stack_as_rows_join_and_leave(
 
     # A prefill chunk shorter than the prompts: every prompt is run in several pieces.
     batch = backend.batch(prefill_chunk=7)
-    rows: dict[TorchRow, int] = {}
-    steps: dict[TorchRow, int] = {}
+    rows: dict[Any, int] = {}
+    steps: dict[Any, int] = {}
     worst = 0.0
     compared = agreed = 0
 
-    def check(row: TorchRow, logits: np.ndarray) -> None:
+    def check(row: Any, logits: np.ndarray) -> None:
         nonlocal worst, compared, agreed
         expected = reference(rows[row], steps[row])
         worst = max(worst, float(np.abs(logits - expected).max()))
@@ -122,13 +133,13 @@ def test_each_row_decodes_exactly_with_its_own_stack_as_rows_join_and_leave(
             join(6)
             join(7)
         for row, logits in batch.forward().items():
-            check(row, logits.numpy())
+            check(row, np.asarray(logits))
         for row in [row for row, done in steps.items() if done > STEPS and row in rows]:
             batch.remove(row)
             del rows[row]
         if not rows:
             break
-    assert not batch.rows and batch.union is None
+    assert not batch.rows and batch.union_rank == 0
     assert worst <= TOLERANCE, worst
     assert compared > 100 and agreed == compared
     # A swapped stack could not pass: every persona's stack moves its logits far past the tolerance.
@@ -173,9 +184,8 @@ def step_batches(engine: Engine) -> float:
     return engine.stats().max_step_batch_size
 
 
-def test_a_seeded_request_says_the_same_alone_and_among_strangers(
-    backend: TorchBackend, stacks: list[LoraStack | None]
-) -> None:
+def test_a_seeded_request_says_the_same_alone_and_among_strangers(any_backend: Any, stacks: list[LoraStack | None]) -> None:
+    backend = any_backend
     mine = Sampling(temperature=0.9, top_p=0.95, max_tokens=24, seed=11)
 
     async def run() -> tuple[tuple[str, Finish], tuple[str, Finish], int]:
@@ -194,8 +204,9 @@ def test_a_seeded_request_says_the_same_alone_and_among_strangers(
 
 
 def test_a_cancelled_and_a_timed_out_row_leave_and_the_others_are_unchanged(
-    backend: TorchBackend, stacks: list[LoraStack | None]
+    any_backend: Any, stacks: list[LoraStack | None]
 ) -> None:
+    backend = any_backend
     greedy = Sampling(max_tokens=40)
     endless = Sampling(max_tokens=1900, temperature=1.0, seed=1)  # far longer than the test
 
