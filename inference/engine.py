@@ -7,7 +7,7 @@ drops it before the next step, so the model moves on at once.
 
 How requests meet the model depends on the backend:
 
-- **Batching** (torch): one scheduler thread runs an iteration-level loop, as Orca and
+- **Batching** (torch, mlx): one scheduler thread runs an iteration-level loop, as Orca and
   vLLM do. Between decode steps it admits queued requests while the batch has fewer than
   `max_batch` rows and its KV cache (rows x padded length) stays within `max_batch_tokens`
   (an empty batch takes any request: a long prompt runs alone rather than never), prefills
@@ -16,8 +16,8 @@ How requests meet the model depends on the backend:
   each with its own stack, sampling parameters and generator. Rows that end, are
   cancelled or time out leave before the next step; nobody is pre-empted.
 - **Concurrent** (any other backend, e.g. an OpenAI-compatible server that batches on its
-  side, or mlx-lm): up to `concurrency` requests run at once, each on its own thread
-  through `Backend.generate`.
+  side): up to `concurrency` requests run at once, each on its own thread through
+  `Backend.generate`.
 """
 
 from __future__ import annotations
