@@ -88,7 +88,7 @@ def joined(batch: Any, ids: list[int], stack: LoraStack | None) -> tuple[Any, np
     return row, np.asarray(logits)
 
 
-def test_each_row_decodes_exactly_with_its_own_stack_as_rows_join_and_leave(
+def test_each_row_decodes_exactly_with_its_own_stack_never_anothers_as_rows_join_and_leave(
     any_backend: Any, stacks: list[LoraStack | None]
 ) -> None:
     backend = any_backend
