@@ -486,25 +486,41 @@ def academy_worker(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="Exit when no session is left to claim.")] = False,
 ) -> None:
-    """Claim academy sessions and run them (several workers are safe together); resumes crashed ones.
+    """Claim academy sessions and recipe runs and run them (several workers are safe together);
+    resumes crashed ones.
 
-    SIGTERM or Ctrl-C stops the session in progress at its next step or token, leaving it
+    SIGTERM or Ctrl-C stops the session or run in progress at its next step or token, leaving it
     running for the next worker to resume, and exits 0; a second signal exits at once.
     """
     import threading
 
     from genome_service.academy.worker import Worker
+    from genome_service.recipes.chat_turns import OwnLoopChat
+    from genome_service.recipes.executor import Executor
 
     context: Context = ctx.obj
     stop = threading.Event()
     with context.services() as services:
-        worker = Worker(services, lambda: _academy_runner(context, services, stop))
+        chat = OwnLoopChat(services)
+        worker = Worker(services, lambda: _academy_runner(context, services, stop),
+                        make_executor=lambda: Executor(services, chat, stopping=stop))
         context.say("academy worker: waiting for sessions" if not once else "academy worker: running open sessions")
         received = _stop_on_signals(stop)
-        worker.run(stop, until_idle=once,
-                   on_finished=lambda state: context.say(f"session {state.session_id}: {state.status.value}"))
+        try:
+            worker.run(stop, until_idle=once, on_finished=lambda state: context.say(_finished_line(state)))
+        finally:
+            chat.close()
     if received:
         context.say(f"academy worker: stopped by {received[0]}; an unfinished session stays running, to resume")
+
+
+def _finished_line(state) -> str:  # type: ignore[no-untyped-def]
+    """What a worker says of a session or a recipe run that ended."""
+    from genome_service.domain.academy import AcademySession
+
+    if isinstance(state, AcademySession):
+        return f"session {state.session_id}: {state.status.value}"
+    return f"run {state.run_id}: {state.status.value}" + (f" ({state.reason})" if state.reason else "")
 
 
 def _stop_on_signals(stop: threading.Event) -> list[str]:
