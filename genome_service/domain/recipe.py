@@ -23,6 +23,7 @@ MAX_INPUTS = 50
 MAX_ATTEMPTS = 10
 # Step ids and input names are JMESPath identifiers as written: `steps.analyse.output`.
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 InputType = Literal["string", "number", "integer", "boolean", "array", "object"]
 
 
@@ -161,7 +162,7 @@ def evolve(state: Recipe | None, event: RecipeEvent) -> Recipe:
 # Rules
 def require_name(name: str) -> None:
     require_text(name, "name", max_length=200)
-    require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, "name_invalid",
+    require(RECIPE_NAME.fullmatch(name) is not None, "name_invalid",
             f"a recipe's name is letters, digits, '-', '_' and '.', starting with a letter or digit (got {name!r})")
 
 
@@ -172,13 +173,13 @@ def require_definition(definition: Definition) -> None:
     require(len(definition.inputs) <= MAX_INPUTS, "inputs_out_of_range", f"a recipe has at most {MAX_INPUTS} inputs")
     require(len(definition.description) <= 2000, "description_too_long", "description must be at most 2000 characters")
     for name, spec in definition.inputs.items():
-        require(IDENTIFIER.match(name) is not None, "input_name_invalid",
+        require(IDENTIFIER.fullmatch(name) is not None, "input_name_invalid",
                 f"input {name!r}: a name is a letter or '_' then letters, digits or '_' (at most 64)")
         require(spec.required or fits(spec.type, spec.default), "input_default_invalid",
                 f"input {name!r}: the default {spec.default!r} is not of type {spec.type}")
     ids = [step.id for step in definition.steps]
     for index, step in enumerate(definition.steps):
-        require(IDENTIFIER.match(step.id) is not None, "step_id_invalid",
+        require(IDENTIFIER.fullmatch(step.id) is not None, "step_id_invalid",
                 f"step {step.id!r}: an id is a letter or '_' then letters, digits or '_' (at most 64)")
         require(step.id not in ids[:index], "step_id_repeated", f"step {step.id!r}: the id is used by an earlier step")
         if step.retry is not None:

@@ -199,10 +199,18 @@ class RecipeRuns:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    # Reads
-    def get(self, caller: Caller, run_id: str) -> RunView:
-        """One run: status, each step's status, attempts and output, and the run's output."""
+    # Access
+    def visible(self, caller: Caller, run_id: str, recipe: str | None = None) -> Row:
+        """The run's row if it is the caller's (and, with ``recipe``, a run of that recipe: its id or name)."""
         row = visible_row(self.services, RUNS, run_id, caller)
+        if recipe is not None and recipe not in (row["recipe_id"], row["recipe_name"]):
+            raise NotFound("recipe_run", run_id)
+        return row
+
+    # Reads
+    def get(self, caller: Caller, run_id: str, *, recipe: str | None = None) -> RunView:
+        """One run: status, each step's status, attempts and output, and the run's output."""
+        row = self.visible(caller, run_id, recipe)
         state = self.services.repository.load(RECIPE_RUN, run_id).state
         assert state is not None
         return _run_view(state, row)
@@ -218,14 +226,14 @@ class RecipeRuns:
         rows, next_cursor = page(self.services, RECIPE_RUNS, "run_id", where, cursor, limit)
         return Page([_run_summary(row) for row in rows], next_cursor)
 
-    def history(self, caller: Caller, run_id: str) -> list[EventView]:
+    def history(self, caller: Caller, run_id: str, *, recipe: str | None = None) -> list[EventView]:
         """The run's events so far, oldest first."""
-        visible_row(self.services, RUNS, run_id, caller)
+        self.visible(caller, run_id, recipe)
         return event_views(self.services.store.read_stream(run_id))
 
-    def follow(self, caller: Caller, run_id: str) -> AsyncIterator[EventView]:
+    def follow(self, caller: Caller, run_id: str, *, recipe: str | None = None) -> AsyncIterator[EventView]:
         """Every event, history first, then live ones as they are appended, until the run ends."""
-        visible_row(self.services, RUNS, run_id, caller)
+        self.visible(caller, run_id, recipe)
         return follow_stream(self.services, run_id, lambda: self.status(run_id) in TERMINAL)
 
     def status(self, run_id: str) -> RunStatus | None:
@@ -257,10 +265,10 @@ class RecipeRuns:
             run_id, owner, found.id, found.name, found.revision, found.definition, pinned))
         return self.get(command.caller, outcome.aggregate.stream_id)
 
-    def cancel(self, command: Command, run_id: str) -> RunView:
+    def cancel(self, command: Command, run_id: str, *, recipe: str | None = None) -> RunView:
         """Cancel a pending or running run: its worker stops within a step, and an academy session it
         waits on is cancelled too; a finished run is refused (``run_finished``)."""
-        visible_row(self.services, RUNS, run_id, command.caller)
+        self.visible(command.caller, run_id, recipe)
         outcome = self.services.commands.execute(RECIPE_RUN, run_id, CancelRun(f"cancelled by {command.owner}"),
                                                  expected_version=command.expected_version, metadata=command.metadata)
         cancelled = outcome.aggregate.state
