@@ -29,7 +29,7 @@ from genome_service.academy.shared_engine import SharedEngine
 from genome_service.chat.service import Chat
 from genome_service.domain.academy import TERMINAL, AcademySession
 from genome_service.domain.recipe_run import TERMINAL as RUN_ENDED
-from genome_service.domain.recipe_run import RecipeRun
+from genome_service.domain.recipe_run import RECIPE_RUN, RecipeRun
 from genome_service.recipes.chat_turns import LoopChat
 from genome_service.recipes.executor import Executor
 from genome_service.recipes.service import RecipeRuns
@@ -91,9 +91,7 @@ class Worker:
         for run_id in RecipeRuns(self.services).waiting():
             with self.claim(f"recipe-run-{run_id}") as claimed:
                 if claimed:
-                    if self._executor is None:
-                        self._executor = self._make_executor()
-                    return self._executor.run(run_id)
+                    return self.executor.run(run_id)
         return None
 
     def run(self, stop: threading.Event, *, until_idle: bool = False,
@@ -108,6 +106,32 @@ class Worker:
                 stop.wait(self.poll_seconds)
             elif on_finished is not None and finished(done):
                 on_finished(done)
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            assert self._make_executor is not None, "this worker runs no recipes"
+            self._executor = self._make_executor()
+        return self._executor
+
+    def see_through(self, run_id: str, stop: threading.Event) -> RecipeRun | None:
+        """Run one recipe run to its end here, and the academy session it waits on; while another
+        worker holds either, wait for it. None when `stop` is set first (the run goes on elsewhere)."""
+        while not stop.is_set():
+            with self.claim(f"recipe-run-{run_id}") as claimed:
+                state = self.executor.run(run_id) if claimed else self.services.repository.load(RECIPE_RUN, run_id).state
+            assert state is not None
+            if finished(state):
+                return state
+            ran = False
+            if state.awaited is not None:
+                with self.claim(state.awaited.stream_id) as held:
+                    if held:
+                        self.runner.run(state.awaited.stream_id)
+                        ran = True
+            if not (claimed and ran):
+                stop.wait(self.poll_seconds)
+        return None
 
     @contextmanager
     def claim(self, key: str) -> Iterator[bool]:
