@@ -28,6 +28,7 @@ from genome_service.domain.conversation import MAX_MESSAGE_LENGTH
 from genome_service.domain.layer import MAX_TAG_LENGTH, MAX_TAGS
 from genome_service.domain.persona import MAX_SYSTEM_PROMPT
 from genome_service.domain.recipe import IDENTIFIER, MAX_ATTEMPTS, MAX_INPUTS, MAX_STEPS, RECIPE_NAME
+from genome_service.recipes.commands import COMMANDS
 from genome_service.services.layers import LayerDetails
 from genome_service.settings import Settings
 
@@ -67,7 +68,7 @@ STATIC: dict[str, dict[str, dict[str, Any]]] = {
                      "inputs": {"maxProperties": MAX_INPUTS}, "description": {"maxLength": 2000}},
     "RecipeRevision": {"steps": {"minItems": 1, "maxItems": MAX_STEPS}, "inputs": {"maxProperties": MAX_INPUTS},
                        "description": {"maxLength": 2000}},
-    "RecipeStep": {"id": {"pattern": IDENTIFIER.pattern}},
+    "RecipeStep": {"id": {"pattern": IDENTIFIER.pattern}, "command": {"enum": sorted(COMMANDS)}},
     "Retry": {"attempts": {"minimum": 1, "maximum": MAX_ATTEMPTS}},
 }
 LAYER_DETAILS = {"name": NAME, "base_model": NAME, "tags": TAGS, "embedding": VECTOR}

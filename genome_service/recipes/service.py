@@ -158,17 +158,18 @@ class Recipes:
 
     def revise(self, command: Command, recipe: str, definition: Definition, *, public: bool | None = None) -> RecipeView:
         """A new revision; runs already started keep the one they started with."""
-        _definition(definition)
-        return self._execute(command, recipe, ReviseRecipe(definition, public))
+        return self._execute(command, recipe, ReviseRecipe(definition, public), check=definition)
 
     def retire(self, command: Command, recipe: str) -> RecipeView:
         """No new runs; runs under way go on."""
         return self._execute(command, recipe, RetireRecipe())
 
-    def _execute(self, command: Command, recipe: str, change: object) -> RecipeView:
+    def _execute(self, command: Command, recipe: str, change: object, *, check: Definition | None = None) -> RecipeView:
         row = self._row(command.caller, recipe, retired=True)
         if row["owner"] != command.owner:
             raise NotFound("recipe", recipe)  # another owner's public recipe: read-only
+        if check is not None:
+            _definition(check)
         self.services.commands.execute(RECIPE, row["recipe_id"], change, expected_version=command.expected_version,
                                        metadata=command.metadata)
         return self._view(row["recipe_id"])
