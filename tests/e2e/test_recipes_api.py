@@ -149,7 +149,7 @@ def test_recipe_run_on_the_command_line_shows_its_steps_and_prints_the_output(se
     done = subprocess.run([*CLI, "recipe", "run", "mine", "--input", f"persona_id={persona['id']}"], env=server.env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    *progress, first, output = done.stdout.strip().splitlines()
+    *_, first, output = done.stdout.strip().splitlines()
     assert first.endswith(" completed") and json.loads(output)["genome_id"] == persona["genome_id"]
     assert "step 1/1 stack (genome.stack): completed" in done.stderr
     bad = subprocess.run([*CLI, "recipe", "run", "mine", "--input", "persona_id"], env=server.env, capture_output=True,

@@ -89,8 +89,8 @@ def test_a_failing_step_is_retried_with_back_off_then_fails_the_run_with_its_rea
                                         "StepRetried", "StepStarted", "StepFailed"]
     assert [e.event.delay_seconds for e in attach if e.type == "StepRetried"] == [0.05, 0.1]
     # Each try starts only once its back-off has passed.
-    waits = [(attach[i + 1].recorded_at - attach[i].recorded_at).total_seconds() for i, e in enumerate(attach)
-             if e.type == "StepRetried"]
+    waits = [(after.recorded_at - retried.recorded_at).total_seconds()
+             for retried, after in zip(attach, attach[1:]) if retried.type == "StepRetried"]
     assert waits[0] >= 0.05 - 0.005 and waits[1] >= 0.1 - 0.005
     assert history[-1].type == "RunFailed" and history[-1].event.step_id == "attach"
     # The step before ran once, whatever the retries: one persona.
