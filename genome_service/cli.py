@@ -647,12 +647,11 @@ def recipe_show(
     """A recipe's definition (inputs, steps, output) as JSON."""
     import msgspec
 
-    from genome_service.recipes.service import Recipes
     from genome_service.services.context import Caller
 
     context: Context = ctx.obj
     with context.services() as services:
-        recipe = Recipes(services).get(Caller(owner), name)
+        recipe = _recipe(services, Caller(owner), name)
     typer.echo(msgspec.json.format(msgspec.json.encode(recipe)).decode())
 
 
@@ -680,19 +679,21 @@ def recipe_run(
     status and its output (JSON). Ctrl-C cancels the run. A worker that holds the run already runs it:
     this command then follows it. Exit 0 when the run completed, 2 when it failed or was cancelled."""
     import threading
+    from contextlib import suppress
 
     import msgspec
 
     from genome_service.academy.worker import Worker
+    from genome_service.domain.common import DomainError
     from genome_service.recipes.chat_turns import OwnLoopChat
     from genome_service.recipes.executor import Executor
-    from genome_service.recipes.service import RecipeRuns, Recipes
+    from genome_service.recipes.service import RecipeRuns
     from genome_service.services.context import Caller, Command, command_metadata
 
     context: Context = ctx.obj
     caller = Caller(owner)
     with context.services() as services:
-        recipe = Recipes(services).get(caller, name)
+        recipe = _recipe(services, caller, name)
         given = _recipe_inputs(inputs, {k: v.type for k, v in recipe.definition.inputs.items()})
         runs = RecipeRuns(services)
         run = runs.start(Command(caller, command_metadata(owner, "cli")), recipe.id, given)
@@ -705,7 +706,8 @@ def recipe_run(
         try:
             _follow_steps(context, runs, caller, run.id, thread)
         except KeyboardInterrupt:
-            runs.cancel(Command(caller, command_metadata(owner, "cli")), run.id)
+            with suppress(DomainError):  # it ended meanwhile: that status stands
+                runs.cancel(Command(caller, command_metadata(owner, "cli")), run.id)
             stop.set()
             thread.join()
         finally:
@@ -715,6 +717,17 @@ def recipe_run(
     typer.echo(msgspec.json.encode(final.output).decode())
     if final.status.value != "completed":
         raise typer.Exit(2)
+
+
+def _recipe(services: Services, caller, name: str):  # type: ignore[no-untyped-def]
+    """The recipe `name` names for `caller`; one that does not exist (or is retired) is the user's error."""
+    from genome_service.recipes.service import Recipes
+    from genome_service.services.errors import Gone, NotFound
+
+    try:
+        return Recipes(services).get(caller, name)
+    except (NotFound, Gone) as error:
+        raise UserError(str(error)) from None
 
 
 def _recipe_inputs(pairs: list[str], types: dict[str, str]) -> dict[str, object]:

@@ -26,7 +26,6 @@ from genome_service.services.knowledge import KnowledgeBase
 from genome_service.services.personas import Personas
 from genome_service.services.search import LayerDiscovery, LayerQuery
 
-Similarity = Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)]
 Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 

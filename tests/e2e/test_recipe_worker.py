@@ -6,6 +6,7 @@ session). On SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from genome_service.eventstore.migrations import upgrade
 from genome_service.recipes.service import RecipeRuns, Recipes
 from genome_service.services.bootstrap import Services, build
 from genome_service.services.context import Caller, Command, command_metadata
+from genome_service.services.personas import Personas
 from genome_service.settings import Settings
 from rag.embedder import SentenceTransformerEmbedder
 
@@ -42,19 +44,25 @@ RECIPE = {
 }
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path) -> dict[str, str]:
+def worker_env(tmp_path: Path, tiny_model: Path, database_url: str | None = None) -> dict[str, str]:
+    """Worker settings on the tiny model, and a migrated database: SQLite in the data dir unless a URL is given."""
     (tmp_path / "data").mkdir()
     extra = {**ACADEMY, "GENOME_CHAT_MAX_TOKENS_LIMIT": "1000"}
-    if request.param == "sqlite":
+    if database_url is None:
         upgrade(f"sqlite:///{tmp_path / 'data' / 'genome.db'}")
     else:
-        extra["GENOME_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        extra["GENOME_DATABASE_URL"] = database_url
     environment = clean_env(tmp_path, **extra)
     done = subprocess.run([*CLI, "model", "register", MODEL, str(tiny_model)], env=environment,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return environment
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def env(request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path) -> dict[str, str]:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    return worker_env(tmp_path, tiny_model, url)
 
 
 @pytest.fixture
@@ -117,3 +125,25 @@ def test_workers_killed_in_a_chat_step_and_in_the_academy_step_leave_the_run_to_
     view = RecipeRuns(services).get(ALICE, run_id)
     [layer_id] = view.steps[2].output["layer_ids"]
     assert view.status is RunStatus.COMPLETED and view.output["layers"] == [{"layer_id": layer_id, "weight": 1.0}]
+
+
+def test_recipe_run_in_the_terminal_runs_genome_assembly_and_its_academy_session_itself(
+    tmp_path: Path, tiny_model: Path, embedder: SentenceTransformerEmbedder
+) -> None:
+    env = worker_env(tmp_path, tiny_model)
+    services = build(Settings.from_env(env), embedder=embedder)
+    try:
+        persona = Personas(services).create(Command(ALICE, command_metadata("alice", "t")), "Ada", base_model=MODEL)
+    finally:
+        services.close()
+    done = subprocess.run([*CLI, "recipe", "run", "genome-assembly", "--owner", "alice", "--input", f"persona_id={persona.id}",
+                           "--input", "goal=Sound calm.", "--input", "budget_steps=5"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    status, output = done.stdout.strip().splitlines()[-2:]
+    assert status.endswith(" completed")
+    [layer] = json.loads(output)["layers"]
+    for line in ("step 1/4 analyse (goal.analyse): completed", "step 2/4 attach (layers.attach): skipped: when ",
+                 "step 3/4 train (academy.train): completed", "step 4/4 stack (genome.stack): completed"):
+        assert line in done.stderr, done.stderr
+    assert layer["weight"] == 1.0

@@ -155,3 +155,5 @@ def test_recipe_run_on_the_command_line_shows_its_steps_and_prints_the_output(se
     bad = subprocess.run([*CLI, "recipe", "run", "mine", "--input", "persona_id"], env=server.env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and "expected NAME=VALUE" in bad.stderr
+    unknown = subprocess.run([*CLI, "recipe", "run", "nope"], env=server.env, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1 and "no recipe 'nope'" in unknown.stderr
