@@ -21,6 +21,7 @@ from genome_service.domain.recipe_run import Awaited
 from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller, Command, EventMetadata
+from genome_service.services.conversations import Conversations
 from genome_service.services.genomes import Genome, Genomes
 from genome_service.services.knowledge import KnowledgeBase
 from genome_service.services.personas import Personas
@@ -329,6 +330,10 @@ def training_ended(ctx: StepContext, awaited: Awaited) -> AcademyOutput | None:
 
 
 def chat(ctx: StepContext, given: PersonaChatInput) -> ChatOutput:
+    recorded = Conversations(ctx.services).recorded_reply(ctx.command.metadata)
+    if recorded is not None:  # the first try recorded its turn and died before the step completed
+        conversation_id, reply = recorded
+        return ChatOutput(conversation_id, reply.content, reply.generation.usage.completion_tokens if reply.generation else 0)
     ask = ChatAsk(messages=[AskedMessage("user", given.message)], max_tokens=given.max_tokens,
                   temperature=given.temperature, seed=given.seed)
     answer = ctx.chat(ctx.command.caller, given.persona_id, ask, ctx.command.metadata, ctx.cancelled)

@@ -5,6 +5,7 @@ failing the run with its reason, cancellation, and which runs a worker may take 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 
 import msgspec
 import pytest
@@ -90,7 +91,7 @@ def test_a_failing_step_is_retried_with_back_off_then_fails_the_run_with_its_rea
     assert [e.event.delay_seconds for e in attach if e.type == "StepRetried"] == [0.05, 0.1]
     # Each try starts only once its back-off has passed.
     waits = [(after.recorded_at - retried.recorded_at).total_seconds()
-             for retried, after in zip(attach, attach[1:]) if retried.type == "StepRetried"]
+             for retried, after in pairwise(attach) if retried.type == "StepRetried"]
     assert waits[0] >= 0.05 - 0.005 and waits[1] >= 0.1 - 0.005
     assert history[-1].type == "RunFailed" and history[-1].event.step_id == "attach"
     # The step before ran once, whatever the retries: one persona.
@@ -142,3 +143,34 @@ def test_a_cancelled_run_is_not_taken_up_and_a_run_waiting_on_a_live_session_is_
     assert runs.waiting() == [second, third]
     done = Executor(fast, no_chat).run(third)
     assert done.status is RunStatus.FAILED and "academy session s1 cancelled" in done.reason
+
+
+def test_a_chat_step_whose_turn_was_recorded_before_a_crash_answers_with_it_and_chats_no_more(fast: Services) -> None:
+    from genome_service.domain.conversation import (
+        CONVERSATION,
+        Generation,
+        Message,
+        RecordTurn,
+        SamplingUsed,
+        Usage,
+    )
+    from genome_service.domain.recipe_run import RECIPE_RUN, PickUpRun, StartStep
+
+    recipe = define(fast, [PERSONA, {"id": "ask", "command": "persona.chat", "params": {
+        "persona_id": "{{ steps.persona.output.persona_id }}", "message": "Hello?"}}], {"name": {"type": "string"}})
+    run_id = RecipeRuns(fast).start(command(), recipe, {"name": "Ada"}).id
+    executor = Executor(fast, no_chat)
+    fast.commands.execute(RECIPE_RUN, run_id, PickUpRun())
+    state = executor._step(executor._state(run_id), executor._state(run_id).definition.steps[0])
+    persona_id = state.outputs["persona"]["persona_id"]
+    # The first try of the chat step: its turn recorded under the step's key, then the worker died.
+    fast.commands.execute(RECIPE_RUN, run_id, StartStep("ask"))
+    generation = Generation("m", None, SamplingUsed(0.0, 1.0, 8), Usage(5, 3), "stop")
+    key = executor._context(state, state.definition.steps[1]).command.metadata
+    fast.commands.execute(CONVERSATION, "c1", RecordTurn("c1", persona_id, "alice", (Message("user", "Hello?"),),
+                                                         Message("assistant", "Hi.", generation)), metadata=key)
+
+    done = executor.run(run_id)
+
+    assert done.status is RunStatus.COMPLETED
+    assert done.outputs["ask"] == {"conversation_id": "c1", "content": "Hi.", "completion_tokens": 3}
