@@ -174,3 +174,44 @@ def test_a_chat_step_whose_turn_was_recorded_before_a_crash_answers_with_it_and_
 
     assert done.status is RunStatus.COMPLETED
     assert done.outputs["ask"] == {"conversation_id": "c1", "content": "Hi.", "completion_tokens": 3}
+
+
+def test_cancel_stops_a_run_within_its_step_and_cancels_the_session_a_run_waits_on(services: Services) -> None:
+    import threading
+    import time
+
+    from genome_service.domain.academy import StartAcademySession
+    from genome_service.domain.recipe_run import RECIPE_RUN, AwaitStep, Awaited, PickUpRun, StartStep
+
+    slow = build(msgspec.structs.replace(services.settings, recipe_retry_backoff_seconds=30.0,
+                                         inference_model=BASE_MODEL), database=services.database,
+                 embedder=services.search.embedder)
+    recipe = define(slow, [PERSONA, {"id": "attach", "command": "layers.attach", "retry": {"attempts": 3},
+                                     "params": {"persona_id": "{{ steps.persona.output.persona_id }}", "layer_ids": ["nope"]}}],
+                    {"name": {"type": "string"}})
+    runs = RecipeRuns(slow)
+    run_id = runs.start(command(), recipe, {"name": "Ada"}).id
+    ended: list = []
+    worker = threading.Thread(target=lambda: ended.append(Executor(slow, no_chat).run(run_id)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while "StepRetried" not in [e.type for e in slow.store.read_stream(run_id)]:  # now waiting 30 s to try again
+        assert worker.is_alive() and time.monotonic() < deadline
+        time.sleep(0.02)
+    cancelled_at = time.monotonic()
+    runs.cancel(command(), run_id)
+    worker.join(timeout=10)
+
+    assert not worker.is_alive() and time.monotonic() - cancelled_at < 5
+    assert ended[0].status is RunStatus.CANCELLED and ended[0].reason == "cancelled by alice"
+    assert [e.type for e in slow.store.read_stream(run_id)][-2:] == ["StepRetried", "RunCancelled"]
+
+    # A run waiting on a session: cancelling it cancels the session too.
+    slow.commands.execute(ACADEMY_SESSION, "s1", StartAcademySession("s1", "alice", "p1", "goal"))
+    waits = define(slow, [{"id": "train", "command": "academy.train", "async": True,
+                           "params": {"persona_id": "p1", "goal": "goal"}}], name="waits")
+    waiting = runs.start(command(), waits, {}).id
+    for step in (PickUpRun(), StartStep("train"), AwaitStep("train", Awaited("academy_session", "s1"))):
+        slow.commands.execute(RECIPE_RUN, waiting, step)
+    assert runs.cancel(command(), waiting).status is RunStatus.CANCELLED
+    assert slow.repository.load(ACADEMY_SESSION, "s1").state.status is SessionStatus.CANCELLED
