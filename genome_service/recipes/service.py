@@ -136,7 +136,7 @@ class Recipes:
         """A recipe by id, or by name: a built-in one, else one of the caller's."""
         if recipe in BUILTIN:
             return _builtin(recipe)
-        return self._view(self._row(caller, recipe)["recipe_id"])
+        return self._view(self.row(caller, recipe)["recipe_id"])
 
     def list(self, caller: Caller, *, limit: int = 50, cursor: str | None = None) -> Page:
         """The built-in recipes (on the first page), then the caller's live ones and public ones, oldest first."""
@@ -165,7 +165,7 @@ class Recipes:
         return self._execute(command, recipe, RetireRecipe())
 
     def _execute(self, command: Command, recipe: str, change: object, *, check: Definition | None = None) -> RecipeView:
-        row = self._row(command.caller, recipe, retired=True)
+        row = self.row(command.caller, recipe, retired=True)
         if row["owner"] != command.owner:
             raise NotFound("recipe", recipe)  # another owner's public recipe: read-only
         if check is not None:
@@ -181,7 +181,9 @@ class Recipes:
         return RecipeView(s.recipe_id, s.owner, s.name, s.public, s.revision, s.retired, False, s.definition,
                           aggregate.version, aggregate.created_at, aggregate.updated_at)
 
-    def _row(self, caller: Caller, recipe: str, *, retired: bool = False) -> Row:
+    def row(self, caller: Caller, recipe: str, *, retired: bool = False) -> Row:
+        """A stored recipe the caller may see, by id or by the name of one of its own; a retired one
+        is gone (410) unless ``retired``."""
         rule = RETIRED_TOO if retired else VISIBILITY
         named = self._named(caller, recipe)
         if named is not None:
@@ -220,8 +222,9 @@ class RecipeRuns:
              cursor: str | None = None) -> Page:
         """The caller's runs (of one recipe, when given), oldest first, a page at a time."""
         where = [RECIPE_RUNS.c.owner == caller.owner]
-        if recipe is not None:
-            where.append(RECIPE_RUNS.c.recipe_id == Recipes(self.services).get(caller, recipe).id)
+        if recipe is not None:  # a retired recipe's runs too
+            recipe_id = recipe if recipe in BUILTIN else Recipes(self.services).row(caller, recipe, retired=True)["recipe_id"]
+            where.append(RECIPE_RUNS.c.recipe_id == recipe_id)
         if status is not None:
             where.append(RECIPE_RUNS.c.status == status.value)
         rows, next_cursor = page(self.services, RECIPE_RUNS, "run_id", where, cursor, limit)

@@ -137,6 +137,7 @@ def test_a_run_pins_the_revision_it_started_with_and_inputs_are_checked_against_
     assert [r["id"] for r in client.get("/recipes/mine/runs").json()["items"]] == [run["id"]]
     assert client.delete(f"/recipes/{mine['id']}").json()["retired"] is True
     assert client.get(f"/recipes/{mine['id']}").status_code == 410
+    assert [r["id"] for r in client.get(f"/recipes/{mine['id']}/runs").json()["items"]] == [run["id"]]
     assert client.post(f"/recipes/{mine['id']}/runs", json={"inputs": {"persona_id": "p"}}).json()["rule"] == "recipe_archived"
     cancelled = client.post(f"/recipes/{mine['id']}/runs/{run['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
