@@ -130,7 +130,7 @@ def test_workers_killed_in_a_chat_step_and_in_the_academy_step_leave_the_run_to_
 def test_recipe_run_in_the_terminal_runs_genome_assembly_and_its_academy_session_itself(
     tmp_path: Path, tiny_model: Path, embedder: SentenceTransformerEmbedder
 ) -> None:
-    env = worker_env(tmp_path, tiny_model)
+    env = {**worker_env(tmp_path, tiny_model), "GENOME_ACADEMY_CHALLENGES": "1"}
     services = build(Settings.from_env(env), embedder=embedder)
     try:
         persona = Personas(services).create(Command(ALICE, command_metadata("alice", "t")), "Ada", base_model=MODEL)
