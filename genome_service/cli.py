@@ -72,6 +72,12 @@ academy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(academy_app, name="academy")
+recipe_app = typer.Typer(
+    help="Recipes: declarative pipelines of steps (create personas, attach layers, train with the Academy...).",
+    epilog='Example: genome-service recipe run genome-assembly --input persona_id=3f9a0c1b --input "goal=Sound calm."',
+    no_args_is_help=True,
+)
+app.add_typer(recipe_app, name="recipe")
 
 
 class UserError(Exception):
@@ -486,25 +492,41 @@ def academy_worker(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="Exit when no session is left to claim.")] = False,
 ) -> None:
-    """Claim academy sessions and run them (several workers are safe together); resumes crashed ones.
+    """Claim academy sessions and recipe runs and run them (several workers are safe together);
+    resumes crashed ones.
 
-    SIGTERM or Ctrl-C stops the session in progress at its next step or token, leaving it
+    SIGTERM or Ctrl-C stops the session or run in progress at its next step or token, leaving it
     running for the next worker to resume, and exits 0; a second signal exits at once.
     """
     import threading
 
     from genome_service.academy.worker import Worker
+    from genome_service.recipes.chat_turns import OwnLoopChat
+    from genome_service.recipes.executor import Executor
 
     context: Context = ctx.obj
     stop = threading.Event()
     with context.services() as services:
-        worker = Worker(services, lambda: _academy_runner(context, services, stop))
+        chat = OwnLoopChat(services)
+        worker = Worker(services, lambda: _academy_runner(context, services, stop),
+                        make_executor=lambda: Executor(services, chat, stopping=stop))
         context.say("academy worker: waiting for sessions" if not once else "academy worker: running open sessions")
         received = _stop_on_signals(stop)
-        worker.run(stop, until_idle=once,
-                   on_finished=lambda state: context.say(f"session {state.session_id}: {state.status.value}"))
+        try:
+            worker.run(stop, until_idle=once, on_finished=lambda state: context.say(_finished_line(state)))
+        finally:
+            chat.close()
     if received:
         context.say(f"academy worker: stopped by {received[0]}; an unfinished session stays running, to resume")
+
+
+def _finished_line(state) -> str:  # type: ignore[no-untyped-def]
+    """What a worker says of a session or a recipe run that ended."""
+    from genome_service.domain.academy import AcademySession
+
+    if isinstance(state, AcademySession):
+        return f"session {state.session_id}: {state.status.value}"
+    return f"run {state.run_id}: {state.status.value}" + (f" ({state.reason})" if state.reason else "")
 
 
 def _stop_on_signals(stop: threading.Event) -> list[str]:
@@ -593,6 +615,158 @@ def _academy_runner(context: Context, services: Services, stopping: threading.Ev
         return open_runner(services, stopping)
     except (KeyError, ModelNotPulled) as error:
         raise UserError(str(error)) from None
+
+
+@recipe_app.command("list", epilog="Example: genome-service recipe list --owner alice")
+def recipe_list(
+    ctx: typer.Context,
+    owner: Annotated[str, typer.Option(help="Whose recipes (and the public and built-in ones).")] = "local",
+) -> None:
+    """The recipes an owner may run: name, revision, steps and description, one a line."""
+    from genome_service.recipes.service import Recipes
+    from genome_service.services.context import Caller
+
+    context: Context = ctx.obj
+    with context.services() as services:
+        cursor = None
+        while True:
+            found = Recipes(services).list(Caller(owner), limit=200, cursor=cursor)
+            for recipe in found.items:
+                steps = " -> ".join(step.id for step in recipe.definition.steps)
+                typer.echo(f"{recipe.name}\t{recipe.id}\trev {recipe.revision}\t{steps}")
+            if (cursor := found.next_cursor) is None:
+                break
+
+
+@recipe_app.command("show", epilog="Example: genome-service recipe show genome-assembly")
+def recipe_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The recipe's name or id.")],
+    owner: Annotated[str, typer.Option(help="Who asks (a private recipe is its owner's only).")] = "local",
+) -> None:
+    """A recipe's definition (inputs, steps, output) as JSON."""
+    import msgspec
+
+    from genome_service.services.context import Caller
+
+    context: Context = ctx.obj
+    with context.services() as services:
+        recipe = _recipe(services, Caller(owner), name)
+    typer.echo(msgspec.json.format(msgspec.json.encode(recipe)).decode())
+
+
+@recipe_app.command("commands", epilog="Example: genome-service recipe commands")
+def recipe_commands(ctx: typer.Context) -> None:
+    """The commands a recipe step can run, one a line (GET /recipes/commands gives their schemas)."""
+    from genome_service.recipes.catalogue import catalogue
+
+    for command in catalogue():
+        typer.echo(f"{command.name}{' (async)' if command.asynchronous else ''}\t{command.summary}")
+
+
+@recipe_app.command(
+    "run", epilog='Example: genome-service recipe run genome-assembly --input persona_id=3f9a0c1b '
+                  '--input "goal=Sound calm. Explain maths patiently." --input target_similarity=0.8'
+)
+def recipe_run(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The recipe's name or id (built-in: genome-assembly).")],
+    inputs: Annotated[list[str], typer.Option("--input", "-i", help="An input as NAME=VALUE; repeat for each. "
+                                              "A string input takes VALUE as it is; any other type reads it as JSON.")] = [],  # noqa: B006
+    owner: Annotated[str, typer.Option(help="Who the run acts as (it owns what the run creates).")] = "local",
+) -> None:
+    """Start a run of a recipe and run it here, with its progress step by step; prints the run's id, its
+    status and its output (JSON). Ctrl-C cancels the run. A worker that holds the run already runs it:
+    this command then follows it. Exit 0 when the run completed, 2 when it failed or was cancelled."""
+    import threading
+    from contextlib import suppress
+
+    import msgspec
+
+    from genome_service.academy.worker import Worker
+    from genome_service.domain.common import DomainError
+    from genome_service.recipes.chat_turns import OwnLoopChat
+    from genome_service.recipes.executor import Executor
+    from genome_service.recipes.service import RecipeRuns
+    from genome_service.services.context import Caller, Command, command_metadata
+
+    context: Context = ctx.obj
+    caller = Caller(owner)
+    with context.services() as services:
+        recipe = _recipe(services, caller, name)
+        given = _recipe_inputs(inputs, {k: v.type for k, v in recipe.definition.inputs.items()})
+        runs = RecipeRuns(services)
+        run = runs.start(Command(caller, command_metadata(owner, "cli")), recipe.id, given)
+        context.say(f"run {run.id} of {recipe.name} (revision {recipe.revision})")
+        stop, chat = threading.Event(), OwnLoopChat(services)
+        worker = Worker(services, lambda: _academy_runner(context, services, stop),
+                        make_executor=lambda: Executor(services, chat, stopping=stop))
+        thread = threading.Thread(target=worker.see_through, args=(run.id, stop), daemon=True)
+        thread.start()
+        try:
+            _follow_steps(context, runs, caller, run.id, thread)
+        except KeyboardInterrupt:
+            with suppress(DomainError):  # it ended meanwhile: that status stands
+                runs.cancel(Command(caller, command_metadata(owner, "cli")), run.id)
+            stop.set()
+            thread.join()
+        finally:
+            chat.close()
+        final = runs.get(caller, run.id)
+    typer.echo(f"{final.id} {final.status.value}" + (f": {final.reason}" if final.reason else ""))
+    typer.echo(msgspec.json.encode(final.output).decode())
+    if final.status.value != "completed":
+        raise typer.Exit(2)
+
+
+def _recipe(services: Services, caller, name: str):  # type: ignore[no-untyped-def]
+    """The recipe `name` names for `caller`; one that does not exist (or is retired) is the user's error."""
+    from genome_service.recipes.service import Recipes
+    from genome_service.services.errors import Gone, NotFound
+
+    try:
+        return Recipes(services).get(caller, name)
+    except (NotFound, Gone) as error:
+        raise UserError(str(error)) from None
+
+
+def _recipe_inputs(pairs: list[str], types: dict[str, str]) -> dict[str, object]:
+    import json
+
+    given: dict[str, object] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise UserError(f"--input {pair!r}: expected NAME=VALUE")
+        if types.get(key, "string") == "string":
+            given[key] = value
+            continue
+        try:
+            given[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"--input {key}: {value!r} is not JSON, which a {types[key]} input needs") from None
+    return given
+
+
+def _follow_steps(context: Context, runs, caller, run_id: str, thread) -> None:  # type: ignore[no-untyped-def]
+    """A bar over the run's steps, named by the step under way, and a line on stderr as each step
+    ends, until the thread running it ends."""
+    said: dict[str, str] = {}
+    with _steps(context, "recipe") as bar:
+        while True:
+            alive = thread.is_alive()
+            view = runs.get(caller, run_id)
+            for number, step in enumerate(view.steps, 1):
+                if step.status in ("completed", "skipped") and said.get(step.id) != step.status:
+                    said[step.id] = step.status
+                    why = f": {step.reason}" if step.reason else ""
+                    context.say(f"step {number}/{len(view.steps)} {step.id} ({step.command}): {step.status}{why}")
+                elif step.status in ("running", "awaiting"):
+                    waiting = f", waiting for session {view.waiting_on}" if view.waiting_on else ""
+                    bar(f"{step.id} ({step.command}{waiting})", number, len(view.steps))
+            if not alive:
+                return
+            thread.join(timeout=0.5)
 
 
 def _plot_loss(curve: list[tuple[int, float]], path: Path, title: str) -> None:

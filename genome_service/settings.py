@@ -116,6 +116,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # `genome-service academy worker` processes run them; "auto": embedded on the embedded
     # (SQLite) database, off on PostgreSQL, where workers are processes of their own.
     academy_worker: Literal["auto", "embedded", "off"] = "auto"
+    # Recipes (``genome_service/recipes/``): seconds before a failed step's second try; each
+    # further try waits twice as long as the one before. Runs are run by the academy workers.
+    recipe_retry_backoff_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
@@ -153,6 +156,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_ACADEMY_CHALLENGES and _CHECKPOINT_EVERY must be >= 1; _KEEP_SCORE within 0..100")
         if not 0 < self.academy_learning_rate < 1:
             raise ValueError("GENOME_ACADEMY_LEARNING_RATE must be within (0, 1)")
+        if not 0 <= self.recipe_retry_backoff_seconds <= 3600:
+            raise ValueError("GENOME_RECIPE_RETRY_BACKOFF_SECONDS must be within 0..3600")
 
     @property
     def resolved_master_key_file(self) -> Path:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import numpy as np
 
+from genome_service.academy.analysis import Analysis
 from genome_service.academy.judge import Judgement, complete, judge
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
@@ -61,17 +61,6 @@ from inference.training.mlx import train_lora_mlx
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 log = logging.getLogger("genome_service.academy")
-# What each trait is about, embedded to pick the trait a goal needs most.
-TRAITS = {
-    TraitType.GENERAL_REASONING: "reasoning, logic, problem solving, thinking step by step",
-    TraitType.TONE_AND_VOICE: "tone, voice, style, manner of speaking, personality, sounding like someone",
-    TraitType.ETHICAL_REASONING: "ethics, morality, fairness, right and wrong, values",
-    TraitType.DOMAIN_EXPERTISE: "expert knowledge of a field: science, law, medicine, mathematics, programming",
-    TraitType.CULTURAL_KNOWLEDGE: "culture, history, traditions, languages, customs of peoples",
-    TraitType.MEMORY_INTEGRATION: "remembering facts about the user and earlier conversations",
-}
-
-
 class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     challenges_per_task: int = 12
     keep_score: float = 50.0  # examples scored below this are not trained on
@@ -229,7 +218,9 @@ class Runner:
         if state.tasks is not None:
             return state
         tasks: dict[tuple[object, ...], PlanTask] = {}
-        for need in goal_needs(state.goal, min(MAX_NEEDS, state.budget_steps)):
+        # Needs given when the session was started (a recipe's) are planned as they are.
+        needs = state.needs or goal_needs(state.goal, min(MAX_NEEDS, state.budget_steps))
+        for need in needs:
             task = self._task(state, need, f"t{len(tasks) + 1}")
             key = (task.action, task.layer_id) if task.layer_id else (task.action, task.trait_type)
             same = tasks.get(key)
@@ -239,19 +230,12 @@ class Runner:
 
     def _task(self, state: AcademySession, need: str, task_id: str) -> PlanTask:
         """Use the nearest layer as is, refine it, or train from scratch, by its similarity to the need."""
-        search = self.services.search
-        vector = search.query_vector(need)
-        trait = self._trait(vector)
-        hits = search.current().search_layers(vector, 1, owner=state.owner, base_model=self.model_name)
-        best = hits[0] if hits else None
-        if best is None or best.score < self.settings.refine_similarity:
-            return PlanTask(task_id, trait, TaskAction.TRAIN, need=need)
-        action = TaskAction.USE if best.score >= state.target_similarity else TaskAction.REFINE
-        return PlanTask(task_id, trait, action, best.key, round(float(best.score), 6), need)
-
-    def _trait(self, goal: np.ndarray) -> TraitType:
-        vectors = self.services.search.embedder.embed(list(TRAITS.values()))
-        return list(TRAITS)[int(np.argmax(vectors @ goal))]
+        found = Analysis(self.services, state.owner, self.model_name).need(need)
+        best = found.layers[0] if found.layers else None
+        if best is None or best.similarity < self.settings.refine_similarity:
+            return PlanTask(task_id, found.trait_type, TaskAction.TRAIN, need=need)
+        action = TaskAction.USE if best.similarity >= state.target_similarity else TaskAction.REFINE
+        return PlanTask(task_id, found.trait_type, action, best.layer_id, best.similarity, need)
 
     # --- one task -------------------------------------------------------------------------
 

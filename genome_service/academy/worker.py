@@ -1,14 +1,16 @@
-"""The academy worker: claims sessions that need running and runs them, one at a time.
+"""The academy worker: claims academy sessions and recipe runs that need running and runs
+them, one at a time.
 
 A claim is a lock that dies with its holder, so a worker killed mid-session frees the
-session at once and the next worker to look resumes it from its events:
+session at once and the next worker to look resumes it from its events (a recipe run too):
 
 - PostgreSQL: a session-level advisory lock (`pg_try_advisory_lock`) on a connection kept
   open for the run; several workers on several machines never run one session together.
 - SQLite (one machine by nature): an exclusive `flock` on a file per session.
 
 Claimable sessions are those the read model shows pending or running (running with no
-lock held means its worker died).
+lock held means its worker died); claimable runs are the same, less those whose
+asynchronous step waits on a session that has not ended: no thread waits on them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from pathlib import Path
 
 from genome_service.academy.runner import Runner, RunnerSettings
 from genome_service.academy.shared_engine import SharedEngine
+from genome_service.chat.service import Chat
 from genome_service.domain.academy import TERMINAL, AcademySession
+from genome_service.domain.recipe_run import TERMINAL as RUN_ENDED
+from genome_service.domain.recipe_run import RECIPE_RUN, RecipeRun
+from genome_service.recipes.chat_turns import LoopChat
+from genome_service.recipes.executor import Executor
+from genome_service.recipes.service import RecipeRuns
 from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services
 
@@ -44,13 +52,21 @@ def open_runner(services: Services, stopping: threading.Event | None = None) -> 
                   stopping=stopping)
 
 
-class Worker:
-    """Runs sessions with the runner `make_runner` gives, made on the first session (the model loads then)."""
+def finished(state: AcademySession | RecipeRun) -> bool:
+    return state.status in (TERMINAL if isinstance(state, AcademySession) else RUN_ENDED)
 
-    def __init__(self, services: Services, make_runner: Callable[[], Runner], *, poll_seconds: float = 1.0) -> None:
+
+class Worker:
+    """Runs sessions with the runner `make_runner` gives, made on the first session (the model loads
+    then), and recipe runs with the executor `make_executor` gives (none: this worker runs no recipes)."""
+
+    def __init__(self, services: Services, make_runner: Callable[[], Runner], *, poll_seconds: float = 1.0,
+                 make_executor: Callable[[], Executor] | None = None) -> None:
         self.services = services
         self._make_runner = make_runner
         self._runner: Runner | None = None
+        self._make_executor = make_executor
+        self._executor: Executor | None = None
         self.poll_seconds = poll_seconds
 
     @property
@@ -63,34 +79,68 @@ class Worker:
         """Sessions that need a worker, oldest first."""
         return AcademySessions(self.services).waiting()
 
-    def run_next(self) -> AcademySession | None:
-        """Claim and run one session; None when every active session is taken or there is none."""
+    def run_next(self) -> AcademySession | RecipeRun | None:
+        """Claim and run one session, else one recipe run (until it ends or waits on a session);
+        None when every one is taken or there is none."""
         for session_id in self.candidates():
             with self.claim(session_id) as claimed:
                 if claimed:
                     return self.runner.run(session_id)
+        if self._make_executor is None:
+            return None
+        for run_id in RecipeRuns(self.services).waiting():
+            with self.claim(f"recipe-run-{run_id}") as claimed:
+                if claimed:
+                    return self.executor.run(run_id)
         return None
 
     def run(self, stop: threading.Event, *, until_idle: bool = False,
-            on_finished: Callable[[AcademySession], None] | None = None) -> None:
-        """Run sessions until `stop` is set (or, with `until_idle`, until none is left to claim);
-        `on_finished` gets each session that ended, not one a stop left running."""
+            on_finished: Callable[[AcademySession | RecipeRun], None] | None = None) -> None:
+        """Run sessions and recipe runs until `stop` is set (or, with `until_idle`, until none is left
+        to claim); `on_finished` gets each that ended, not one a stop left running nor a waiting run."""
         while not stop.is_set():
-            finished = self.run_next()
-            if finished is None:
+            done = self.run_next()
+            if done is None:
                 if until_idle:
                     return
                 stop.wait(self.poll_seconds)
-            elif on_finished is not None and finished.status in TERMINAL:
-                on_finished(finished)
+            elif on_finished is not None and finished(done):
+                on_finished(done)
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            assert self._make_executor is not None, "this worker runs no recipes"
+            self._executor = self._make_executor()
+        return self._executor
+
+    def see_through(self, run_id: str, stop: threading.Event) -> RecipeRun | None:
+        """Run one recipe run to its end here, and the academy session it waits on; while another
+        worker holds either, wait for it. None when `stop` is set first (the run goes on elsewhere)."""
+        while not stop.is_set():
+            with self.claim(f"recipe-run-{run_id}") as claimed:
+                state = self.executor.run(run_id) if claimed else self.services.repository.load(RECIPE_RUN, run_id).state
+            assert state is not None
+            if finished(state):
+                return state
+            ran = False
+            if state.awaited is not None:
+                with self.claim(state.awaited.stream_id) as held:
+                    if held:
+                        self.runner.run(state.awaited.stream_id)
+                        ran = True
+            if not (claimed and ran):
+                stop.wait(self.poll_seconds)
+        return None
 
     @contextmanager
-    def claim(self, session_id: str) -> Iterator[bool]:
+    def claim(self, key: str) -> Iterator[bool]:
+        """Hold `key` (a session's id, or ``recipe-run-`` and a run's) while the block runs, if no one else does."""
         if self.services.database.dialect == "postgresql":
-            with _advisory_lock(self.services, session_id) as held:
+            with _advisory_lock(self.services, key) as held:
                 yield held
         else:
-            with _file_lock(self.services.settings.data_dir / "academy" / "locks" / f"{session_id}.lock") as held:
+            with _file_lock(self.services.settings.data_dir / "academy" / "locks" / f"{key}.lock") as held:
                 yield held
 
 
@@ -118,7 +168,9 @@ class EmbeddedWorker:
     def start(self) -> None:
         # Called on the app's event loop, the one the engine runs on.
         loop = asyncio.get_running_loop()
-        worker = Worker(self._services, lambda: self._engine.runner_from_thread(loop, self._stop))
+        chat = LoopChat(Chat(self._services, self._engine.runtime), loop)
+        worker = Worker(self._services, lambda: self._engine.runner_from_thread(loop, self._stop),
+                        make_executor=lambda: Executor(self._services, chat, stopping=self._stop))
         self._thread = threading.Thread(target=self._run, args=(worker,), name="academy-worker", daemon=True)
         self._thread.start()
 
@@ -137,9 +189,9 @@ class EmbeddedWorker:
 
 
 @contextmanager
-def _advisory_lock(services: Services, session_id: str) -> Iterator[bool]:
-    # Advisory locks take a 64-bit key: the first 8 bytes of the id's digest.
-    key = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big", signed=True)
+def _advisory_lock(services: Services, name: str) -> Iterator[bool]:
+    # Advisory locks take a 64-bit key: the first 8 bytes of the name's digest.
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
     with services.database.write_engine.connect() as connection:
         held = bool(connection.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar())
         connection.commit()

@@ -6,7 +6,6 @@ thread on SQLite by default: `GENOME_ACADEMY_WORKER`); this controller only appe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
@@ -14,11 +13,11 @@ from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.spec import OpenAPI
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_201_CREATED
 
 from genome_service.academy.shared_engine import SharedEngine
-from genome_service.api.conventions import created, with_etag
+from genome_service.api.conventions import created, sse_messages, with_etag
 from genome_service.api.openapi import SSE, document_json_or_sse
 from genome_service.domain.academy import MAX_BUDGET_SECONDS, MAX_BUDGET_STEPS, Difficulty, SessionStatus
 from genome_service.domain.layer import TraitType
@@ -61,12 +60,6 @@ class Score(msgspec.Struct, frozen=True):
 
 def _location(session: Session) -> str:
     return f"/academy/sessions/{session.id}"
-
-
-async def _messages(events: AsyncIterator[EventView]) -> AsyncIterator[ServerSentEventMessage]:
-    """Every event as an SSE message named by its type, in order; the stream ends with the session."""
-    async for view in events:
-        yield ServerSentEventMessage(msgspec.json.encode(view).decode(), event=view.type, id=str(view.version))
 
 
 class AcademyController(Controller):
@@ -126,7 +119,7 @@ class AcademyController(Controller):
     def events(self, request: Request[Caller, None, None], caller: NamedDependency[Caller], session_id: FromPath[str]) -> Response[list[EventView]]:
         """The session's history as JSON; with `Accept: text/event-stream`, history then live events until it ends."""
         if SSE in request.headers.get("accept", ""):
-            return ServerSentEvent(_messages(self.sessions.follow(caller, session_id)))
+            return ServerSentEvent(sse_messages(self.sessions.follow(caller, session_id)))
         return Response(self.sessions.history(caller, session_id), media_type=MediaType.JSON)
 
 

@@ -14,7 +14,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
-from genome_service.api import academy, chat, genomes, inference, layers, openai_compat, personas, search
+from genome_service.api import academy, chat, genomes, inference, layers, openai_compat, personas, recipes, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
 from genome_service.api.conventions import bound, dependencies
 from genome_service.api.documented_limits import document_limits
@@ -25,6 +25,7 @@ from genome_service.api.metrics import RequestMetrics
 from genome_service.api.openapi import document_conventions
 from genome_service.chat.runtime import ChatRuntime
 from genome_service.mcp.server import Features, features_of
+from genome_service.recipes.service import RecipeRuns, Recipes
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
 
@@ -35,6 +36,7 @@ REQUEST_TYPES = (
     genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
     chat.ChatCreate, chat.ChatMessageIn, openai_compat.CompletionCreate, openai_compat.StreamOptions,
     academy.SessionCreate, academy.ChallengeCreate, academy.ResponseCreate,
+    recipes.RecipeCreate, recipes.RecipeRevision, recipes.RunCreate,
 )
 
 
@@ -79,7 +81,7 @@ def create_app(services: Services) -> Litestar:
     mcp, mcp_lifespan = mcp_mount(features, settings.host)
     app = Litestar(
         route_handlers=[HealthController, metrics.controller(), mcp,
-                        *_controllers(features, academy_engine, runtime, settings.max_adapter_bytes)],
+                        *_controllers(services, features, academy_engine, runtime, settings.max_adapter_bytes)],
         dependencies={"services": Provide(provide_services, sync_to_thread=False), **dependencies(services)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
@@ -95,14 +97,14 @@ def create_app(services: Services) -> Litestar:
     document_conventions(app.openapi_schema, REQUEST_TYPES)
     document_limits(app.openapi_schema, settings)
     academy.document_events(app.openapi_schema)
+    recipes.document_events(app.openapi_schema)
     chat.document_chat(app.openapi_schema)
     chat.document_chat(app.openapi_schema, "/v1/chat/completions")
     return app
 
 
-def _controllers(
-    features: Features, academy_engine: SharedEngine, runtime: ChatRuntime, max_adapter_bytes: int
-) -> list[type[Controller]]:
+def _controllers(services: Services, features: Features, academy_engine: SharedEngine, runtime: ChatRuntime,
+                 max_adapter_bytes: int) -> list[type[Controller]]:
     """Each controller bound to the feature services it translates HTTP for (one instance of each per app)."""
     return [
         bound(genomes.GenomeController, genomes=features.genomes),
@@ -114,6 +116,7 @@ def _controllers(
         bound(openai_compat.OpenAIController, chat=features.chat, personas=features.personas),
         bound(academy.AcademyController, sessions=features.sessions, engine=academy_engine),
         bound(inference.InferenceController, runtime=runtime),
+        bound(recipes.RecipeController, recipes=Recipes(services), runs=RecipeRuns(services)),
     ]
 
 

@@ -11,13 +11,14 @@ Only adapter uploads and downloads, which move large files, go to a thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO, TypeVar
 
 from litestar import Controller, MediaType, Request, Response
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException
+from litestar.response import ServerSentEventMessage
 from litestar.serialization import encode_json, get_serializer
 from litestar.status_codes import HTTP_200_OK
 from litestar.types import ASGIApp, Empty, Receive, Scope, Send
@@ -25,10 +26,17 @@ from litestar.utils.scope.state import ScopeState
 
 from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller, Command, command_metadata
+from genome_service.services.reads import EventView
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type[Controller])
 MAX_IDEMPOTENCY_KEY = 200
+
+
+async def sse_messages(events: AsyncIterator[EventView]) -> AsyncIterator[ServerSentEventMessage]:
+    """Every event of a followed stream as an SSE message named by its type, in order."""
+    async for view in events:
+        yield ServerSentEventMessage(encode_json(view).decode(), event=view.type, id=str(view.version))
 
 
 def etag(version: int) -> str:

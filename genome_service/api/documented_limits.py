@@ -27,6 +27,8 @@ from genome_service.domain.academy import MAX_BUDGET_SECONDS
 from genome_service.domain.conversation import MAX_MESSAGE_LENGTH
 from genome_service.domain.layer import MAX_TAG_LENGTH, MAX_TAGS
 from genome_service.domain.persona import MAX_SYSTEM_PROMPT
+from genome_service.domain.recipe import IDENTIFIER, MAX_ATTEMPTS, MAX_INPUTS, MAX_STEPS, RECIPE_NAME
+from genome_service.recipes.commands import COMMANDS
 from genome_service.services.layers import LayerDetails
 from genome_service.settings import Settings
 
@@ -62,6 +64,12 @@ STATIC: dict[str, dict[str, dict[str, Any]]] = {
     "SessionCreate": {"goal": text(2000), "target_similarity": {"exclusiveMinimum": 0, "maximum": 1},
                       "budget_seconds": {"maximum": MAX_BUDGET_SECONDS}},
     "ResponseCreate": {"response": text(20_000)},
+    "RecipeCreate": {"name": {**NAME, "pattern": RECIPE_NAME.pattern}, "steps": {"minItems": 1, "maxItems": MAX_STEPS},
+                     "inputs": {"maxProperties": MAX_INPUTS}, "description": {"maxLength": 2000}},
+    "RecipeRevision": {"steps": {"minItems": 1, "maxItems": MAX_STEPS}, "inputs": {"maxProperties": MAX_INPUTS},
+                       "description": {"maxLength": 2000}},
+    "RecipeStep": {"id": {"pattern": IDENTIFIER.pattern}, "command": {"enum": sorted(COMMANDS)}},
+    "Retry": {"attempts": {"minimum": 1, "maximum": MAX_ATTEMPTS}},
 }
 LAYER_DETAILS = {"name": NAME, "base_model": NAME, "tags": TAGS, "embedding": VECTOR}
 # Exactly one of the three, the other two absent or null.

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 # A path parameter -> the kind of resource it names (the `<kind>_not_found` and `<kind>_archived` rules).
 KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
-         "conversation_id": "conversation", "session_id": "academy_session", "challenge_id": "challenge"}
+         "conversation_id": "conversation", "session_id": "academy_session", "challenge_id": "challenge",
+         "recipe_id": "recipe", "run_id": "recipe_run"}
 
 SHARED: dict[int, tuple[str, ...]] = {
     400: ("bad_request",), 401: ("unauthorized",), 404: ("not_found",), 429: ("rate_limited",),
@@ -47,6 +48,13 @@ CHAT = {
 # Writing a challenge or judging an answer runs the model as chat does.
 GENERATION = {429: ("inference_busy",), 503: ("model_unavailable", "generation_failed", "generation_timed_out")}
 
+# A recipe's definition: its shape (domain/recipe.py) and its steps' commands (recipes/catalogue.py).
+DEFINITION = ("steps_out_of_range", "inputs_out_of_range", "description_too_long", "input_name_invalid",
+              "input_default_invalid", "step_id_invalid", "step_id_repeated", "retry_attempts_out_of_range",
+              "expression_invalid", "reference_unknown_root", "reference_unknown_input", "reference_to_itself",
+              "reference_to_later_step", "reference_to_missing_step", "command_unknown", "step_not_async",
+              "param_unknown", "param_missing", "param_invalid")
+
 OPERATIONS: dict[str, dict[int, tuple[str, ...]]] = {
     "createPersona": {422: (*_text("name"), "system_prompt_too_long", "unknown_base_model")},
     "updatePersona": {422: (*_text("name"), "system_prompt_too_long")},
@@ -77,6 +85,10 @@ OPERATIONS: dict[str, dict[int, tuple[str, ...]]] = {
                                   "budget_seconds_out_of_range", "persona_has_no_genome")},
     "cancelAcademySession": {409: ("session_finished",)},
     "createAcademyChallenge": {**GENERATION, 409: ("session_finished",), 422: (*_text("prompt"),)},
+    "createRecipe": {409: ("recipe_name_exists",), 422: (*_text("name"), "name_invalid", *DEFINITION)},
+    "reviseRecipe": {422: DEFINITION},
+    "startRecipeRun": {422: ("input_unknown", "input_missing", "input_type_mismatch")},
+    "cancelRecipeRun": {409: ("run_finished",)},
     "scoreAcademyResponse": {**GENERATION, 409: ("response_exists",),
                              422: (*_text("response"), *_text("rationale"), "score_out_of_range")},
 }

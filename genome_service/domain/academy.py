@@ -97,6 +97,7 @@ class AcademySessionStarted(msgspec.Struct, frozen=True, gc=False, tag=True):
     target_similarity: float
     budget_steps: int
     budget_seconds: float
+    needs: tuple[str, ...] = ()  # planned as given; empty: the goal's own sentences
 
 
 class SessionStatusChanged(msgspec.Struct, frozen=True, gc=False, tag=True):
@@ -191,6 +192,7 @@ class AcademySession(msgspec.Struct, frozen=True, gc=False):
     target_similarity: float
     budget_steps: int
     budget_seconds: float
+    needs: tuple[str, ...] = ()
     status: SessionStatus = SessionStatus.PENDING
     reason: str = ""
     tasks: tuple[PlanTask, ...] | None = None  # None until planned
@@ -220,6 +222,7 @@ class StartAcademySession(msgspec.Struct, frozen=True, gc=False):
     target_similarity: float = 0.95
     budget_steps: int = 100
     budget_seconds: float = 3600.0
+    needs: tuple[str, ...] = ()
 
 
 class ChangeSessionStatus(msgspec.Struct, frozen=True, gc=False):
@@ -389,6 +392,9 @@ def _require_plan(command: StartAcademySession) -> None:
         "budget_seconds_out_of_range",
         f"budget_seconds must be a finite number in (0, {MAX_BUDGET_SECONDS:g}] (got {seconds})",
     )
+    require(len(command.needs) <= MAX_TASKS, "needs_out_of_range", f"a session has at most {MAX_TASKS} needs")
+    for need in command.needs:
+        require_text(need, "need", max_length=2000)
 
 
 def _require_tasks(tasks: tuple[PlanTask, ...]) -> None:

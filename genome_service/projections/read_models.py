@@ -23,6 +23,8 @@ from genome_service.domain.genome import GENOME
 from genome_service.domain.knowledge import KNOWLEDGE
 from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
+from genome_service.domain.recipe import RECIPE
+from genome_service.domain.recipe_run import RECIPE_RUN
 from genome_service.eventstore.data_keys import DataKeys, SubjectErased
 from genome_service.eventstore.driver import execute_chunks, execute_many
 from genome_service.eventstore.repository import Aggregate
@@ -38,6 +40,8 @@ from genome_service.projections.tables import (
     KNOWLEDGE_DOCUMENTS,
     LAYERS,
     PERSONAS,
+    RECIPE_RUNS,
+    RECIPES,
 )
 
 Row = dict[str, Any]
@@ -187,7 +191,7 @@ def _genome_layer_rows(aggregate: Aggregate[Any]) -> list[Row]:
 
 
 def _academy_row(state: Any) -> Row:
-    return _fields(state, "tasks", "challenges", "examples", "trained_steps", "finished_tasks") | {
+    return _fields(state, "tasks", "challenges", "examples", "trained_steps", "finished_tasks", "needs") | {
         "planned": state.tasks is not None,
         "challenge_count": len(state.challenges),
         "example_count": state.examples,
@@ -222,6 +226,20 @@ def _conversation_message_rows(aggregate: Aggregate[Any]) -> list[Row]:
     ]
 
 
+def _recipe_row(state: Any) -> Row:
+    return _fields(state, "definition") | {"description": state.definition.description,
+                                           "step_count": len(state.definition.steps)}
+
+
+def _recipe_run_row(state: Any) -> Row:
+    return _fields(state, "definition", "inputs", "outputs", "skipped", "attempts", "current", "awaited", "output") | {
+        "current_step": state.current,
+        "waiting_on": state.awaited.stream_id if state.awaited is not None else None,
+        "steps_done": len(state.outputs) + len(state.skipped),
+        "step_count": len(state.definition.steps),
+    }
+
+
 READ_MODELS: tuple[ReadModel, ...] = (
     ReadModel(
         GENOME,
@@ -251,4 +269,6 @@ READ_MODELS: tuple[ReadModel, ...] = (
         ChildRows(CONVERSATION_MESSAGES, "conversation_id", _conversation_message_rows, sealed=("content",)),
         subject="persona_id",
     ),
+    ReadModel(RECIPE, RECIPES, "recipe_id", _recipe_row),
+    ReadModel(RECIPE_RUN, RECIPE_RUNS, "run_id", _recipe_run_row),
 )

@@ -166,6 +166,46 @@ class ConversationMessageRow(SQLModel, table=True):
     generation: dict | None = Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=True))  # type: ignore[type-arg]
 
 
+class RecipeRow(SQLModel, table=True):
+    """A recipe's current revision; its definition is in its events."""
+
+    __tablename__ = "recipes"
+
+    recipe_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    name: str = Field(index=True, max_length=200)
+    description: str
+    public: bool = Field(index=True)
+    revision: int
+    retired: bool
+    step_count: int
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class RecipeRunRow(SQLModel, table=True):
+    """A run of a recipe: where it stands; its steps and outputs are in its events."""
+
+    __tablename__ = "recipe_runs"
+
+    run_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    recipe_id: str = Field(index=True, max_length=64)
+    recipe_name: str = Field(max_length=200)
+    recipe_revision: int
+    status: str = Field(index=True, max_length=16)
+    reason: str
+    current_step: str | None = Field(default=None, max_length=64)
+    # The stream an asynchronous step waits on (an academy session): no worker holds the run meanwhile.
+    waiting_on: str | None = Field(default=None, max_length=64)
+    steps_done: int  # completed or skipped
+    step_count: int
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
 class ProjectionCheckpointRow(SQLModel, table=True):
     """The last event position a projection has applied."""
 
@@ -186,3 +226,5 @@ KNOWLEDGE_DOCUMENTS = SQLModel.metadata.tables["knowledge"]
 KNOWLEDGE_CHUNKS = SQLModel.metadata.tables["knowledge_chunks"]
 CONVERSATIONS = SQLModel.metadata.tables["conversations"]
 CONVERSATION_MESSAGES = SQLModel.metadata.tables["conversation_messages"]
+RECIPES = SQLModel.metadata.tables["recipes"]
+RECIPE_RUNS = SQLModel.metadata.tables["recipe_runs"]

@@ -8,7 +8,6 @@ other cannot both pass.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 
@@ -31,10 +30,9 @@ from genome_service.projections.tables import ACADEMY_SESSIONS
 from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller, Command
 from genome_service.services.creation import create_stream
-from genome_service.services.reads import EventView, Page, Visibility, event_views, page, visible_row
+from genome_service.services.reads import EventView, Page, Visibility, event_views, follow_stream, page, visible_row
 
 VISIBILITY = Visibility(ACADEMY_SESSIONS, "session_id", "academy_session", archived=None)
-FOLLOW_POLL_SECONDS = 0.25
 
 
 class Session(msgspec.Struct, frozen=True):
@@ -66,6 +64,7 @@ def _from_row(row: Row) -> Session:
 def start_session(
     services: Services, persona_id: str, goal: str, *, owner: str | None = None, budget_steps: int = 100,
     budget_seconds: float = 3600.0, target_similarity: float = 0.95, metadata: EventMetadata | None = None,
+    needs: tuple[str, ...] = (),
 ) -> str:
     """A new pending session for a persona `owner` may see (any persona when owner is None: the CLI).
 
@@ -77,7 +76,7 @@ def start_session(
 
     def command(session_id: str) -> StartAcademySession:
         return StartAcademySession(session_id, persona.owner, persona_id, goal, target_similarity,
-                                   budget_steps, budget_seconds)
+                                   budget_steps, budget_seconds, needs)
 
     ACADEMY_SESSION.decide(command("validation"), None)  # the ask's own faults first
     if persona.genome_id is None:
@@ -139,30 +138,24 @@ class AcademySessions:
     def follow(self, caller: Caller, session_id: str) -> AsyncIterator[EventView]:
         """Every event, history first, then live ones as they are appended, until the session ends."""
         self.visible(caller, session_id)
-        return self._follow(session_id)
 
-    async def _follow(self, session_id: str) -> AsyncIterator[EventView]:
-        version, store = 0, self.services.store
-        while True:
-            batch = await asyncio.to_thread(store.read_stream, session_id, after_version=version)
-            for view in event_views(batch):
-                yield view
-                version = view.version
-            state = await asyncio.to_thread(lambda: self.services.repository.load(ACADEMY_SESSION, session_id).state)
-            # Ends only once the final status is sent: nothing follows a finished session.
-            if state is not None and state.status in TERMINAL and store.stream_version(session_id) == version:
-                return
-            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+        def ended() -> bool:
+            state = self.services.repository.load(ACADEMY_SESSION, session_id).state
+            return state is not None and state.status in TERMINAL
+
+        return follow_stream(self.services, session_id, ended)
 
     # Commands
     def start(
         self, command: Command, persona_id: str, goal: str, *, target_similarity: float = 0.95, budget_steps: int = 100,
-        budget_seconds: float = 3600.0,
+        budget_seconds: float = 3600.0, needs: tuple[str, ...] = (),
     ) -> Session:
-        """Start a session for one of the caller's personas (one with a genome); a worker picks it up."""
+        """Start a session for one of the caller's personas (one with a genome); a worker picks it up.
+        With ``needs``, its plan has one task for each of them instead of the goal's sentences."""
         session_id = start_session(
             self.services, persona_id, goal, owner=command.owner, budget_steps=budget_steps,
             budget_seconds=budget_seconds, target_similarity=target_similarity, metadata=command.metadata,
+            needs=needs,
         )
         return self.get(command.caller, session_id)
 

@@ -8,13 +8,13 @@ from typing import Any
 import msgspec
 
 from genome_service.domain.common import DomainError
-from genome_service.domain.conversation import CONVERSATION, Generation, Message
+from genome_service.domain.conversation import CONVERSATION, Generation, Message, MessageAdded
 from genome_service.projections.columns import utc
 from genome_service.projections.queries import child_rows, get_row
 from genome_service.projections.sealed_columns import open_value
 from genome_service.projections.tables import CONVERSATION_MESSAGES, CONVERSATIONS
 from genome_service.services.bootstrap import Services
-from genome_service.services.context import Caller
+from genome_service.services.context import Caller, EventMetadata
 from genome_service.services.personas import Personas
 from genome_service.services.reads import Page, Visibility, page, visible
 
@@ -74,6 +74,19 @@ class Conversations:
                       for m in messages],
             version=row["version"], created_at=utc(row["created_at"]), updated_at=utc(row["updated_at"]),
         )
+
+    def recorded_reply(self, metadata: EventMetadata) -> tuple[str, Message] | None:
+        """(conversation id, reply) of the turn a request with this idempotency key already
+        recorded, if any: a recipe's chat step taken up again after a crash answers with it
+        instead of chatting a second time."""
+        key = metadata.idempotency_key
+        prior = self.services.store.find_idempotent(key) if key is not None else None
+        if prior is None:
+            return None
+        replies = [e.event for e in prior.events if isinstance(e.event, MessageAdded) and e.event.role == "assistant"]
+        if not replies:
+            return None
+        return prior.stream_id, Message(replies[-1].role, replies[-1].content, replies[-1].generation)
 
     def history(self, owner: str, persona_id: str, conversation_id: str) -> tuple[Message, ...]:
         """The messages so far of one of the owner's conversations with the persona, to continue it."""

@@ -7,8 +7,9 @@ order, so a page never repeats or skips a row that was there when the first was 
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ from genome_service.services.context import Caller
 from genome_service.services.errors import Gone, InvalidRequest, NotFound
 
 MAX_PAGE = 200
+FOLLOW_POLL_SECONDS = 0.25
 
 
 class EventView(msgspec.Struct, frozen=True):
@@ -40,6 +42,21 @@ def event_views(events: Sequence[RecordedEvent]) -> list[EventView]:
                   actor=e.metadata.actor, recorded_at=e.recorded_at)
         for e in events
     ]
+
+
+async def follow_stream(services: Services, stream_id: str, ended: Callable[[], bool]) -> AsyncIterator[EventView]:
+    """Every event of a process's stream, history first, then live ones as they are appended,
+    until ``ended`` (read after each batch, off the event loop) says it is over."""
+    version, store = 0, services.store
+    while True:
+        batch = await asyncio.to_thread(store.read_stream, stream_id, after_version=version)
+        for view in event_views(batch):
+            yield view
+            version = view.version
+        # Ends only once the final status is sent: nothing follows a finished process.
+        if await asyncio.to_thread(ended) and store.stream_version(stream_id) == version:
+            return
+        await asyncio.sleep(FOLLOW_POLL_SECONDS)
 
 
 class Page(msgspec.Struct, frozen=True):

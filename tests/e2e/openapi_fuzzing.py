@@ -33,7 +33,7 @@ PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
 KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
          "conversation_id": "conversation", "session_id": "academy_session",
-         "challenge_id": "challenge"}
+         "challenge_id": "challenge", "recipe_id": "recipe", "run_id": "recipe_run"}
 
 
 @schemathesis.check
@@ -130,8 +130,15 @@ def seed(seeded: Seeded) -> None:
         chat = client.post(f"/personas/{personas[0]}/chat", json={"messages": [{"role": "user", "content": "Hello"}]})
         assert chat.status_code == 200, chat.text
         conversations = [chat.json()["conversation_id"]]
+        # Runs stay pending too; the built-in recipe is one to aim at as well.
+        stack = {"id": "stack", "command": "genome.stack", "params": {"persona_id": "{{ inputs.persona_id }}"}}
+        recipe = created("POST", "/recipes", json={"name": "stack", "inputs": {"persona_id": {"type": "string"}},
+                                                   "steps": [stack]})
+        runs = [created("POST", "/recipes/{recipe_id}/runs", {"recipe_id": recipe}, json={"inputs": {"persona_id": p}})
+                for p in personas]
     seeded.ids = {"persona_id": personas, "genome_id": genomes, "layer_id": layers, "session_id": sessions,
-                  "challenge_id": challenges, "knowledge_id": knowledge, "conversation_id": conversations}
+                  "challenge_id": challenges, "knowledge_id": knowledge, "conversation_id": conversations,
+                  "recipe_id": [recipe], "run_id": runs}
 
 
 def declared_body_fields(schema: schemathesis.BaseSchema, operation: schemathesis.APIOperation) -> set[str] | None:

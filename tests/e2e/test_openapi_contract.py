@@ -112,7 +112,7 @@ def test_unknown_ids_are_404_problem_details_everywhere(server: Server, subtests
         if not names:
             continue
         body = {"name": "x", "text": "x", "layer_id": "no-such-layer", "genome_id": "no-such-genome", "layers": [],
-                "trait_type": "tone_and_voice", "response": "x"}
+                "trait_type": "tone_and_voice", "response": "x", "steps": []}
         fields = declared_body_fields(schema, operation)
         case = operation.Case(
             path_parameters={name: f"no-such-{KINDS[name]}" for name in names},

@@ -43,6 +43,10 @@ MAX_EXAMPLES = int(os.environ.get("FIDELITY_MAX_EXAMPLES", "20"))
 ADAPTER = make_adapter_files("peft", seed=7)
 ADAPTER_NAMES = {data: name for name, data in ADAPTER.items()}
 TEXT = "Ada Lovelace wrote the first published program.".encode()
+# A recipe's steps whose params fit their commands and refer to what exists: a generated definition
+# (random commands, params and expressions) almost never does.
+STEPS = [{"id": "stack", "command": "genome.stack", "params": {"persona_id": "{{ inputs.persona_id }}"}}]
+INPUTS = {"persona_id": {"type": "string"}}
 
 
 @dataclass
@@ -70,11 +74,16 @@ def documented_rules(seeded: Seeded, operation: schemathesis.APIOperation, statu
 
 def supply_real_files(seeded: Seeded) -> None:
     """Half the time an adapter upload carries the real adapter and its metadata names the seeded base
-    model; half the time a knowledge upload's files are UTF-8 text, as its schema says they must be."""
+    model; half the time a knowledge upload's files are UTF-8 text, as its schema says they must be;
+    half the time a recipe's definition is one that runs, and a run's inputs are the seeded recipe's."""
 
     @seeded.schema.hook
     def flatmap_body(ctx: schemathesis.HookContext, body: Any) -> st.SearchStrategy[Any]:
         label = ctx.operation.label if ctx.operation is not None else None
+        if label in ("POST /recipes", "PUT /recipes/{recipe_id}") and isinstance(body, dict):
+            return st.sampled_from([body, {**body, "steps": STEPS, "inputs": INPUTS, "output": None}])
+        if label == "POST /recipes/{recipe_id}/runs" and isinstance(body, dict):
+            return st.sampled_from([body, {"inputs": {"persona_id": seeded.ids["persona_id"][0]}}])
         if label == "POST /personas/{persona_id}/knowledge/documents" and isinstance(body, dict):
             return st.sampled_from([body, {**body, "files": [TEXT]}])
         if label != "POST /layers" or not isinstance(body, dict):
