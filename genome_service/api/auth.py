@@ -18,8 +18,10 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from genome_service.services.context import OPEN_OWNER, Caller
 from genome_service.services.keys import KeyStore
 
-PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema"]
+# The console's files are public too: the page asks for a key once the API answers 401.
+PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema", "/console"]
 _PUBLIC_PREFIXES = tuple(PUBLIC_PATHS)
+ROOT = "/"  # redirects to the console; public by exact match (every path starts with it)
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -36,7 +38,7 @@ class ApiKeyAuthentication:
         self.open_allowed = open_allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIXES):
+        if scope["type"] == "http" and not is_public(scope["path"]):
             scope["user"], scope["auth"] = self._caller(_raw_key(scope["headers"]))
         await self.app(scope, receive, send)
 
@@ -49,6 +51,10 @@ class ApiKeyAuthentication:
         if owner is None:
             raise NotAuthorizedException("the API key is unknown or revoked")
         return Caller(owner), key
+
+
+def is_public(path: str) -> bool:
+    return path == ROOT or path.startswith(_PUBLIC_PREFIXES)
 
 
 def _raw_key(headers: list[tuple[bytes, bytes]]) -> str | None:
