@@ -75,6 +75,14 @@ class Watch:
         self.errors: list[str] = []
         self.headers: list[str] = []
         self.console_responses = 0
+        self.expected: list[str] = []
+
+    def expect_error(self, text: str) -> None:
+        """A console error the test provokes on purpose (Chromium logs every 4xx response)."""
+        self.expected.append(text)
+
+    def unexpected_errors(self) -> list[str]:
+        return [e for e in self.errors if not any(text in e for text in self.expected)]
 
     def route(self, route: Any) -> None:
         if route.request.url.startswith(f"{self.origin}/"):
@@ -110,7 +118,7 @@ def page(chromium: Any, console_server: Server, watch: Watch) -> Iterator[Any]:
     context.close()
     assert watch.foreign == [], "requests left the server"
     assert watch.headers == [], "console responses without the security headers"
-    assert watch.errors == [], "console errors"
+    assert watch.unexpected_errors() == [], "console errors"
 
 
 def open_page(page: Any, hash_route: str, heading: str) -> None:
@@ -123,10 +131,12 @@ def screenshot(page: Any, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def upload_files(tmp_path: Path, files: dict[str, bytes]) -> list[str]:
+def upload_files(folder: Path, files: dict[str, bytes]) -> list[str]:
+    """The files written into `folder`, as paths for a file input."""
+    folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    return [str(tmp_path / name) for name in files]
+        (folder / name).write_bytes(data)
+    return [str(folder / name) for name in files]
 
 
 def tiny_adapter(tiny_model: Path, seed: int = 0) -> dict[str, bytes]:

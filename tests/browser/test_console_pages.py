@@ -88,7 +88,7 @@ def test_an_inline_script_injected_into_a_page_is_refused(page: Any, watch: Watc
     assert violated == "script-src-elem" and page.evaluate("window.injected") is None
     # Chromium reports the refusal on the console too: that one error is the expected one.
     assert len(watch.errors) == 1 and "Content Security Policy" in watch.errors[0]
-    watch.errors.clear()
+    watch.expect_error("Content Security Policy")
 
 
 def test_the_api_docs_render_from_files_the_server_ships(page: Any) -> None:
