@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,10 @@ def watch(console_server: Server) -> Watch:
     return Watch(console_server.url)
 
 
-@pytest.fixture
-def page(chromium: Any, console_server: Server, watch: Watch) -> Iterator[Any]:
-    context = chromium.new_context(base_url=console_server.url, viewport={"width": 1280, "height": 900})
+@contextmanager
+def watched_page(chromium: Any, server: Server, watch: Watch) -> Iterator[Any]:
+    """A page in a fresh browser context (its own sessionStorage), failing on what `Watch` forbids."""
+    context = chromium.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
     context.route("**/*", watch.route)
     page = context.new_page()
     page.on("console", lambda message: message.type == "error" and watch.errors.append(message.text))
@@ -119,6 +121,12 @@ def page(chromium: Any, console_server: Server, watch: Watch) -> Iterator[Any]:
     assert watch.foreign == [], "requests left the server"
     assert watch.headers == [], "console responses without the security headers"
     assert watch.unexpected_errors() == [], "console errors"
+
+
+@pytest.fixture
+def page(chromium: Any, console_server: Server, watch: Watch) -> Iterator[Any]:
+    with watched_page(chromium, console_server, watch) as page:
+        yield page
 
 
 def open_page(page: Any, hash_route: str, heading: str) -> None:

@@ -84,6 +84,7 @@ class Session extends Page {
       const response = await call(`/academy/sessions/${id}/events`, { headers: { Accept: "text/event-stream" }, signal: this.controller.signal });
       for await (const { data: event } of events(response)) this.apply(event);
       this.show(await getJson(`/academy/sessions/${id}`));
+      this.dataset.stream = "ended";  // the session is over and every one of its events is shown
     } catch (error) {
       if (error.name !== "AbortError") this.alert.show(error);
     }
