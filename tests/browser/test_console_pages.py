@@ -95,3 +95,21 @@ def test_the_api_docs_render_from_files_the_server_ships(page: Any) -> None:
     page.goto("/schema/swagger")
     page.locator(".opblock").first.wait_for()
     assert page.locator(".opblock").count() > 20
+
+
+def test_the_ops_page_renders_any_json_view_as_tables(page: Any) -> None:
+    # The engine's figures view comes with the batching work; the page renders whatever it holds.
+    open_page(page, "#/ops", "Ops")
+    assert page.get_by_text("Inference engine: not available on this server.").is_visible()
+    page.evaluate("""async () => {
+        const { figures } = await import("/console/js/ops.js");
+        document.querySelector("main").append(...figures("Inference engine", {
+            backend: "torch", max_batch: 8, queue_depth: 2, mean_step_batch_size: 3.5,
+            personas: [{ persona: "Astra", active_rows: 2 }, { persona: "Vega", active_rows: 1, waiting: 4 }],
+        }).flat());
+    }""")
+    scalars = page.get_by_role("table", name="Inference engine", exact=True)
+    assert scalars.get_by_role("row").all_inner_texts()[1:] == [
+        "backend\ttorch", "max_batch\t8", "queue_depth\t2", "mean_step_batch_size\t3.5"]
+    rows = page.get_by_role("table", name="Inference engine: personas").get_by_role("row").all_inner_texts()
+    assert rows == ["persona\tactive_rows\twaiting", "Astra\t2\t", "Vega\t1\t4"]
