@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from axe_playwright_python.sync_playwright import Axe
 from conftest import MODEL, Watch, open_page, screenshot, tiny_adapter
 from servers import Server
 
@@ -54,6 +53,8 @@ def seed(server: Server, tmp_path: Path, tiny_model: Path) -> dict[str, str]:
 
 
 def no_serious_violations(page: Any) -> None:
+    from axe_playwright_python.sync_playwright import Axe  # axe-core ships inside: no network
+
     violations = Axe().run(page).response["violations"]
     serious = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]]) for v in violations if v["impact"] in ("serious", "critical")]
     assert serious == []
