@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import MODEL, open_page
+from console_browser import MODEL, open_page
 from servers import Server
 
 POINTS = "() => [...document.querySelectorAll('gs-loss-chart circle.point')].map((c) => Number(c.dataset.step))"
@@ -62,6 +62,12 @@ def test_a_short_session_runs_to_its_end_and_links_to_the_layer_it_produced(page
     with console_server.client() as client:
         [layer_id] = client.get(f"/academy/sessions/{session_id}").json()["layer_ids"]
         layer = client.get(f"/layers/{layer_id}").json()
+    # The plan's task, and each challenge with the judge's score, as the session recorded them.
+    assert page.get_by_role("table", name="Tasks").locator("tbody tr").count() == 1
+    scores = page.get_by_role("table", name="Challenges and the judge's scores").locator("tbody tr td:nth-child(4)")
+    with console_server.client() as client:
+        events = client.get(f"/academy/sessions/{session_id}/events").json()
+    assert scores.all_text_contents() == [f"{e['data']['score']:.1f}" for e in events if e["type"] == "ResponseScored"]
     link = page.get_by_role("link", name=f"Produced layer {layer_id[:8]}")
     assert link.get_attribute("href") == f"#/layers/{layer_id}"
     link.click()

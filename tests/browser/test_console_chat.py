@@ -7,18 +7,23 @@ import time
 from typing import Any
 
 import httpx
-from conftest import MODEL, open_page
+from console_browser import MODEL, open_page
 from servers import Server
 
 FACT = "The moon of Quillon is named Vesperine. Vesperine glows violet at dusk."
 
-# Records the assistant text's length at each change of the transcript, as the page renders it.
+# Records the assistant text's length at each change of the transcript, as the page renders it,
+# and whether the log would announce it (it must not, token by token).
 OBSERVE = """() => {
     window.lengths = [];
+    window.live = new Set();
     const log = document.querySelector("[role=log]");
     new MutationObserver(() => {
-        const texts = log.querySelectorAll(".message.assistant .text");
-        if (texts.length) window.lengths.push(texts[texts.length - 1].textContent.length);
+        const answers = log.querySelectorAll(".message.assistant");
+        const answer = answers[answers.length - 1];
+        if (!answer || answer.dataset.state) return;
+        window.lengths.push(answer.querySelector(".text").textContent.length);
+        window.live.add(`${log.getAttribute("aria-live")} ${log.getAttribute("aria-busy")}`);
     }).observe(log, { childList: true, subtree: true, characterData: true });
 }"""
 
@@ -74,6 +79,8 @@ def test_tokens_stream_in_the_page_and_the_answer_kept_is_the_one_recorded_with_
     shown = answer.locator(".text").text_content()
     lengths = page.evaluate("window.lengths")
     assert len({n for n in lengths if 0 < n < len(shown)}) >= 2, lengths
+    assert page.evaluate("[...window.live]") == ["off true"]
+    assert page.get_by_role("log").get_attribute("aria-live") == "polite"  # the finished answer is announced
     with console_server.client() as client:
         [conversation] = client.get(f"/personas/{astra['id']}/conversations").json()["items"]
         messages = client.get(f"/conversations/{conversation['id']}").json()["messages"]
@@ -83,6 +90,8 @@ def test_tokens_stream_in_the_page_and_the_answer_kept_is_the_one_recorded_with_
     source = answer.locator(".sources li")
     assert source.locator(".source-title").text_content() == "moons"
     assert source.locator(".score").text_content() == f"cosine {citation['score']:.3f}"
+    assert messages[1]["generation"]["stack_hash"] is None  # an empty genome: the base model alone
+    assert answer.locator(".stack").text_content().startswith(f"Stack: model {MODEL}; no layers.")
 
     # The history opens the recorded conversation again.
     page.reload()

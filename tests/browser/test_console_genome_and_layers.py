@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import MODEL, Watch, open_page, tiny_adapter, upload_files
+from console_browser import MODEL, Watch, open_page, tiny_adapter, upload_files
 from servers import Server
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Watch, watched_page
+from console_browser import Watch, watched_page
 from servers import Server, launch, stop
 
 

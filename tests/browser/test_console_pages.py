@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import MODEL, Watch, open_page, screenshot, tiny_adapter
+from console_browser import MODEL, Watch, open_page, screenshot, tiny_adapter
 from servers import Server
 
 from genome_service.api.console import CONTENT_SECURITY_POLICY
@@ -114,3 +114,43 @@ def test_the_ops_page_renders_any_json_view_as_tables(page: Any) -> None:
         "backend\ttorch", "max_batch\t8", "queue_depth\t2", "mean_step_batch_size\t3.5"]
     rows = page.get_by_role("table", name="Inference engine: personas").get_by_role("row").all_inner_texts()
     assert rows == ["persona\tactive_rows\twaiting", "Astra\t2\t", "Vega\t1\t4"]
+
+
+def test_a_persona_is_created_with_a_genome_and_archived_from_the_page(page: Any, console_server: Server) -> None:
+    open_page(page, "#/personas", "Personas")
+    page.get_by_label("Name", exact=True).fill("Lyra")
+    page.get_by_label("System prompt").fill("You are Lyra.")
+    page.get_by_label("Base model (gets an empty genome)").fill(MODEL)
+    page.get_by_role("button", name="Create persona").click()
+    page.get_by_role("link", name="Lyra", exact=True).wait_for()
+    with console_server.client() as client:
+        [lyra] = [p for p in client.get("/personas/").json()["items"] if p["name"] == "Lyra"]
+        assert client.get(f"/genomes/{lyra['genome_id']}").json()["base_model"] == MODEL
+    page.get_by_role("button", name="Archive Lyra").click()
+    page.get_by_role("link", name="Lyra", exact=True).wait_for(state="detached")  # the list shows live personas
+    with console_server.client() as client:
+        assert client.get(f"/personas/{lyra['id']}").status_code == 410
+
+
+def test_knowledge_is_added_as_text_and_files_and_retrieved_with_scores(page: Any, console_server: Server, tmp_path: Path) -> None:
+    with console_server.client() as client:
+        persona = client.post("/personas/", json={"name": "Scholar"}).json()
+    open_page(page, f"#/personas/{persona['id']}/knowledge", "Knowledge")
+    page.get_by_label("Title").fill("tides")
+    page.get_by_label("Text", exact=True).fill("Spring tides happen when the sun and the moon line up.")
+    page.get_by_role("button", name="Add text").click()
+    page.get_by_role("cell", name="tides", exact=True).wait_for()
+    (tmp_path / "lighthouses.md").write_text("# Lighthouses\n\nA lighthouse lamp turns once every ten seconds.\n")
+    page.get_by_label("Text or markdown files").set_input_files(str(tmp_path / "lighthouses.md"))
+    page.get_by_role("button", name="Upload files").click()
+    page.get_by_role("cell", name="lighthouses.md", exact=True).wait_for()
+
+    page.get_by_label("Query").fill("how often does the lamp turn")
+    page.get_by_label("k", exact=True).fill("2")
+    page.get_by_role("button", name="Retrieve").click()
+    results = page.get_by_role("table", name="Top 2 chunks for “how often does the lamp turn”")
+    results.wait_for()
+    with console_server.client() as client:
+        chunks = client.get(f"/personas/{persona['id']}/knowledge/search", params={"q": "how often does the lamp turn", "k": 2}).json()
+    assert results.locator("tbody tr td:last-child").all_text_contents() == [f"cosine {c['score']:.3f}" for c in chunks]
+    assert results.locator("tbody tr td:first-child").first.text_content() == "lighthouses.md"

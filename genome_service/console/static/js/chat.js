@@ -12,7 +12,8 @@ function sources(generation, titles) {
 }
 
 function stackOf(generation, layers) {
-  const parts = [`model ${generation.model}`, `stack ${short(generation.stack_hash)}`];
+  const parts = [`model ${generation.model}`];
+  if (generation.stack_hash) parts.push(`stack ${short(generation.stack_hash)}`);
   if (layers) parts.push(layers.length ? `layers ${layers.join(", ")}` : "no layers");
   return h("p", { class: "stack" }, `Stack: ${parts.join("; ")}. `,
     `${generation.usage.completion_tokens} tokens, finished: ${generation.finish_reason}.`);

@@ -26,9 +26,8 @@ class Genome extends Page {
       id = (await getJson(`/personas/${this.getAttribute("persona")}`)).genome_id;
       if (!id) return [h("h1", {}, "Genome"), h("p", {}, "This persona has no genome.")];
     }
-    const response = await call(`/genomes/${id}`);
-    const genome = await response.json();
-    const [history, layers] = await Promise.all([getJson(`/genomes/${id}/events`), getJson("/layers/?limit=200")]);
+    const [genome, history, layers] = await Promise.all([
+      getJson(`/genomes/${id}`), getJson(`/genomes/${id}/events`), getJson("/layers/?limit=200")]);
     this.genome = genome;
     this.names = new Map(layers.items.map((l) => [l.id, l.name]));
     const stack = genome.layers.map((l) => ({ layer_id: l.layer_id, weight: l.weight }));
