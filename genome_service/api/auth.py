@@ -21,7 +21,7 @@ from genome_service.services.keys import KeyStore
 # The console's files are public too: the page asks for a key once the API answers 401.
 PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema", "/console"]
 _PUBLIC_PREFIXES = tuple(PUBLIC_PATHS)
-ROOT = "/"  # redirects to the console; public by exact match (every path starts with it)
+PUBLIC_ROUTE = "public"  # a handler's `opt` flag for a public route outside those paths (`/`)
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -38,7 +38,7 @@ class ApiKeyAuthentication:
         self.open_allowed = open_allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not is_public(scope["path"]):
+        if scope["type"] == "http" and not _is_public(scope):
             scope["user"], scope["auth"] = self._caller(_raw_key(scope["headers"]))
         await self.app(scope, receive, send)
 
@@ -53,8 +53,10 @@ class ApiKeyAuthentication:
         return Caller(owner), key
 
 
-def is_public(path: str) -> bool:
-    return path == ROOT or path.startswith(_PUBLIC_PREFIXES)
+def _is_public(scope: Scope) -> bool:
+    # The root is marked on its handler, not matched by path: routing has already cut a mount's
+    # prefix off `path` (inside `/mcp` it is `/`).
+    return scope["path"].startswith(_PUBLIC_PREFIXES) or scope["route_handler"].opt.get(PUBLIC_ROUTE, False)
 
 
 def _raw_key(headers: list[tuple[bytes, bytes]]) -> str | None:

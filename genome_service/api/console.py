@@ -18,6 +18,8 @@ from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 
+from genome_service.api.auth import PUBLIC_ROUTE
+
 CONSOLE_PATH = "/console"
 SWAGGER_UI_PATH = "/schema/swagger-ui"
 CONTENT_SECURITY_POLICY = "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -46,7 +48,7 @@ def security_headers(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-@get("/", include_in_schema=False, sync_to_thread=False, middleware=[security_headers])
+@get("/", include_in_schema=False, sync_to_thread=False, middleware=[security_headers], opt={PUBLIC_ROUTE: True})
 def to_console() -> Redirect:
     """A browser opening the server's address lands on the console."""
     return Redirect(f"{CONSOLE_PATH}/")

@@ -24,6 +24,9 @@ def keyed_server(tmp_path: Path) -> Iterator[tuple[Server, str]]:
 
 def test_the_console_asks_for_a_key_once_and_sends_it_on_every_call(chromium: Any, keyed_server: tuple[Server, str]) -> None:
     server, key = keyed_server
+    with server.client() as keyless:  # the console's files need no key; the API does
+        assert keyless.get("/").headers["location"] == "/console/" and keyless.get("/console/").status_code == 200
+        assert keyless.get("/personas/").status_code == 401
     with server.client(key) as client:
         persona = client.post("/personas/", json={"name": "Keyed", "base_model": "smollm2-135m-instruct"}).json()
         session = client.post("/academy/sessions/", json={"persona_id": persona["id"], "goal": "Wait."}).json()

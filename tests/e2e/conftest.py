@@ -7,9 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers import CLI, Server, clean_env, free_port, launch, stop
-
-__all__ = ["CLI", "Server", "clean_env", "free_port"]  # imported by the e2e tests as `from conftest import ...`
+from servers import Server, launch, stop
 
 
 @pytest.fixture
