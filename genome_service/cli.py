@@ -155,6 +155,7 @@ def serve(
         "GENOME_HOST": settings.host,  # the app refuses keyless requests off loopback
     })
     context.say(f"genome-service on http://{settings.host}:{settings.port} ({_safe(settings.resolved_database_url)})")
+    context.say(f"console: http://{settings.host}:{settings.port}/console/")
     uvicorn.run(
         "genome_service.api.app:create_app_from_env",
         factory=True,

@@ -10,12 +10,12 @@ from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
 from genome_service.api import academy, chat, genomes, inference, layers, openai_compat, personas, recipes, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
+from genome_service.api.console import console_routes, offline_swagger
 from genome_service.api.conventions import bound, dependencies
 from genome_service.api.documented_limits import document_limits
 from genome_service.api.errors import EXCEPTION_HANDLERS, problem_details_plugin
@@ -80,7 +80,7 @@ def create_app(services: Services) -> Litestar:
     features = features_of(services, runtime)
     mcp, mcp_lifespan = mcp_mount(features, settings.host)
     app = Litestar(
-        route_handlers=[HealthController, metrics.controller(), mcp,
+        route_handlers=[HealthController, metrics.controller(), mcp, *console_routes(),
                         *_controllers(services, features, academy_engine, runtime, settings.max_adapter_bytes)],
         dependencies={"services": Provide(provide_services, sync_to_thread=False), **dependencies(services)},
         middleware=middleware,
@@ -91,7 +91,7 @@ def create_app(services: Services) -> Litestar:
         on_shutdown=[*([worker.stop] if worker else []), runtime.close, services.close],
         lifespan=[mcp_lifespan],
         openapi_config=OpenAPIConfig(
-            title="Genome Service", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin()]
+            title="Genome Service", version="0.1.0", path="/schema", render_plugins=[offline_swagger()]
         ),
     )
     document_conventions(app.openapi_schema, REQUEST_TYPES)

@@ -18,8 +18,10 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from genome_service.services.context import OPEN_OWNER, Caller
 from genome_service.services.keys import KeyStore
 
-PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema"]
+# The console's files are public too: the page asks for a key once the API answers 401.
+PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema", "/console"]
 _PUBLIC_PREFIXES = tuple(PUBLIC_PATHS)
+PUBLIC_ROUTE = "public"  # a handler's `opt` flag for a public route outside those paths (`/`)
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -36,7 +38,7 @@ class ApiKeyAuthentication:
         self.open_allowed = open_allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIXES):
+        if scope["type"] == "http" and not _is_public(scope):
             scope["user"], scope["auth"] = self._caller(_raw_key(scope["headers"]))
         await self.app(scope, receive, send)
 
@@ -49,6 +51,12 @@ class ApiKeyAuthentication:
         if owner is None:
             raise NotAuthorizedException("the API key is unknown or revoked")
         return Caller(owner), key
+
+
+def _is_public(scope: Scope) -> bool:
+    # The root is marked on its handler, not matched by path: routing has already cut a mount's
+    # prefix off `path` (inside `/mcp` it is `/`).
+    return scope["path"].startswith(_PUBLIC_PREFIXES) or scope["route_handler"].opt.get(PUBLIC_ROUTE, False)
 
 
 def _raw_key(headers: list[tuple[bytes, bytes]]) -> str | None:

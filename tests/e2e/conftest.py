@@ -1,54 +1,13 @@
-"""The real server, started as its own process and spoken to over HTTP."""
+"""The real server, started as its own process and spoken to over HTTP (see tests/servers.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
 
-import httpx
 import pytest
-
-from genome_service.eventstore.migrations import upgrade
-
-CLI = [sys.executable, "-m", "genome_service.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENOME_")}
-    return env | {"GENOME_DATA_DIR": str(tmp_path / "data"), **extra}
-
-
-def _drain(stream: IO[str], log: Path) -> None:
-    with log.open("a") as out:
-        for line in stream:
-            out.write(line)
-            out.flush()
-
-
-class Server:
-    def __init__(self, url: str, env: dict[str, str], process: subprocess.Popen[str] | None = None) -> None:
-        self.url = url
-        self.env = env
-        self.process = process
-
-    def client(self, key: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=self.env, capture_output=True, text=True, timeout=120)
+from servers import Server, launch, stop
 
 
 @pytest.fixture
@@ -56,32 +15,10 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     processes: list[subprocess.Popen[str]] = []
 
     def start(database_url: str | None = None, **settings: str | None) -> Server:
-        # No academy worker unless a test asks (None: the service's default): a fuzzed or stray
-        # session must not start a long training.
-        settings = {"academy_worker": "off", **settings}
-        env = clean_env(tmp_path, **{f"GENOME_{k.upper()}": v for k, v in settings.items() if v is not None})
-        if database_url:
-            env["GENOME_DATABASE_URL"] = database_url
-        else:
-            (tmp_path / "data").mkdir(exist_ok=True)
-            upgrade(f"sqlite:///{tmp_path / 'data' / 'genome.db'}")
-        port = free_port()
-        process = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
-        processes.append(process)
-        assert process.stderr is not None
-        log = tmp_path / f"server-{port}.log"
-        for line in process.stderr:  # uvicorn says when it accepts connections
-            if "Uvicorn running on" in line:
-                # Keep reading: a server that logs a lot later (a fuzzed request's errors) must
-                # never block on a full pipe. What it writes lands in a file for failing tests.
-                threading.Thread(target=_drain, args=(process.stderr, log), daemon=True).start()
-                return Server(f"http://127.0.0.1:{port}", env, process)
-        pytest.fail(f"server exited with {process.wait()}")
+        return launch(tmp_path, processes, database_url, **settings)
 
     yield start
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=30)
+    stop(processes)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from conftest import Server
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -23,6 +22,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from servers import Server
 
 from fixtures.make_adapter import make_adapter_files
 from inference.models import ModelCatalog

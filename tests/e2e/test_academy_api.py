@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+from servers import Server
 
 from fixtures.make_model import tiny_spec
 from inference.backends.base import ChatMessage

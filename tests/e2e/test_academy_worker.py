@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import CLI, clean_env
+from servers import CLI, clean_env
 
 from genome_service.domain.academy import (
     ACADEMY_SESSION,

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from conftest import Server
+from servers import Server
 from test_chat_api import default_model_server
 
 from fixtures.make_adapter import make_adapter_files

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server
+from servers import Server
+from test_personas_and_genomes_api import PROBLEM
 
 from inference.models import ModelCatalog
-from test_personas_and_genomes_api import PROBLEM
 
 FACT = "The moon of Quillon is named Vesperine. Vesperine glows violet at dusk and was charted by Ilsa Marrow."
 OTHERS = ("Sourdough bread rises slowly because wild yeast ferments the dough overnight.",

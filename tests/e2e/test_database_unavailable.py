@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server
 from outages import postgres_database, sqlite_locked
+from servers import Server
 
 PROBLEM = "application/problem+json"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import Server
+from servers import Server
+from test_personas_and_genomes_api import PROBLEM
 
 from inference.models import ModelCatalog
-from test_personas_and_genomes_api import PROBLEM
 
 KNOWN = "The vault under Zephyrine opens with the word KNOWMARK-5521-AMBERGRIS."
 UPLOADED = "Diary: on Tuesday I buried the key near DOCMARK-8830-LIMEWOOD."

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from factories import BASE_MODEL, attach, create_persona_with_genome
+
 from fixtures.make_adapter import make_adapter_files
 from genome_service.domain.genome import LayerFacts
 from genome_service.domain.layer import TraitType

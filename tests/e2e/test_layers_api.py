@@ -9,11 +9,11 @@ import httpx
 import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import Server
+from test_personas_and_genomes_api import PROBLEM, create_genome, create_persona
 
-from conftest import Server
 from fixtures.make_adapter import make_adapter_files
 from inference.models import SMOLLM2_135M_INSTRUCT
-from test_personas_and_genomes_api import PROBLEM, create_genome, create_persona
 
 BASE = "smollm2-135m-instruct"
 

@@ -14,11 +14,11 @@ import anyio
 import httpx
 import httpx2
 import pytest
-from conftest import CLI, Server
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from servers import CLI, Server
 from test_layers_api import upload
 
 from fixtures.make_adapter import make_adapter_files

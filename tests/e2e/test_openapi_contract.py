@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_fuzzing import (
@@ -44,6 +43,7 @@ from openapi_fuzzing import (
 )
 from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
+from servers import Server
 
 # Per operation, from schema-valid and schema-invalid requests alike; raise it for a deeper local run.
 MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", "25"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import Server
+from servers import Server
 
 PROBLEM = "application/problem+json"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import CLI, clean_env
+from servers import CLI, clean_env
 from test_academy_worker import ACADEMY, MODEL
 
 from genome_service.domain.academy import TrainingProgressed

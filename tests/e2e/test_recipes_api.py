@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLI, Server
+from servers import CLI, Server
 from test_academy_api import MODEL, WORKER, persona_on_tiny_model, sse_events
 
 from fixtures.make_adapter import make_adapter_files

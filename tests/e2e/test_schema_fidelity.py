@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_fuzzing import (
@@ -34,6 +33,7 @@ from openapi_fuzzing import (
     seed,
 )
 from schemathesis import GenerationMode
+from servers import Server
 
 from fixtures.make_adapter import make_adapter_files
 

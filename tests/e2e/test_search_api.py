@@ -7,11 +7,11 @@ import math
 
 import httpx
 import pytest
-from conftest import Server
+from servers import Server
 from test_layers_api import upload
+from test_personas_and_genomes_api import PROBLEM, create_persona
 
 from fixtures.make_adapter import make_adapter_files
-from test_personas_and_genomes_api import PROBLEM, create_persona
 
 DIM = 384  # all-MiniLM-L6-v2; the service reads it from the model
 
