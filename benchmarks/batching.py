@@ -42,8 +42,7 @@ import msgspec
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks import _harness as harness  # noqa: E402
-
-from benchmarks.inference import LOOP, Layers, _start_loop, models_dir  # noqa: E402
+from benchmarks.inference import LOOP, Layers, models_dir, start_loop  # noqa: E402
 from inference.backends.base import Backend, ChatMessage, Finish, Sampling, Token, never_cancelled  # noqa: E402
 from inference.engine import Engine  # noqa: E402
 from inference.guards import RepetitionRule  # noqa: E402
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     folder, _ = pull_default(models_dir())
-    _start_loop()
+    start_loop()
     sampling = Sampling(max_tokens=args.tokens, ignore_eos=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as work:

@@ -145,7 +145,7 @@ def ours(engine: Engine, stack: LoraStack | None, tokens: int, messages: list[Ch
 LOOP = asyncio.new_event_loop()
 
 
-def _start_loop() -> None:
+def start_loop() -> None:
     import threading
 
     threading.Thread(target=LOOP.run_forever, daemon=True, name="bench-loop").start()
@@ -385,7 +385,7 @@ def main() -> int:
 
     hf_logging.disable_progress_bar()
     folder, _ = pull_default(models_dir())
-    _start_loop()
+    start_loop()
     from inference.backends import detect_backend
     from inference.backends.torch import TorchBackend
 
