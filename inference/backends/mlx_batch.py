@@ -14,23 +14,20 @@ prompt-prefix reuse, is merged in with `merge` and `extend`; a leaving row is dr
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.guards import Guard
 from inference.lora.stack import LoraStack, StackPart
+from inference.lora.union import ConvertedLayers, plan_union
 
 if TYPE_CHECKING:
     from inference.backends.mlx import Factors, MlxBackend
-
-_LAYER_CACHE = 64  # layers kept as mx arrays for the union, least recently used dropped
 
 
 @dataclass(eq=False)
@@ -66,7 +63,7 @@ class MlxBatch:
         self.rebuilds = 0
         self._cache: list[BatchKVCache] | None = None
         self._union: dict[str, tuple[mx.array, mx.array, mx.array]] = {}
-        self._layers: OrderedDict[str, tuple[StackPart, dict[str, tuple[mx.array, mx.array]]]] = OrderedDict()
+        self._layers: ConvertedLayers[tuple[mx.array, mx.array]] = ConvertedLayers(self._convert)
 
     @property
     def union_rank(self) -> int:
@@ -154,41 +151,18 @@ class MlxBatch:
 
     def _rebuild(self) -> None:
         self.rebuilds += 1
-        parts: dict[str, StackPart] = {}
-        for row in self.rows:
-            for part in row.stack.parts if row.stack is not None else ():
-                parts.setdefault(part.layer_id, part)
-        arrays = {layer_id: self._layer(part) for layer_id, part in parts.items()}
-        dtype = self.backend.dtype
+        plan = plan_union([row.stack for row in self.rows])
         union: dict[str, tuple[mx.array, mx.array, mx.array]] = {}
-        for name in sorted({name for part in parts.values() for name in part.modules}):
-            columns: dict[str, slice] = {}
-            a_blocks, b_blocks = [], []
-            start = 0
-            for layer_id, factors in arrays.items():
-                if name in factors:
-                    a_t, b_t = factors[name]
-                    columns[layer_id] = slice(start, start + a_t.shape[1])
-                    start += a_t.shape[1]
-                    a_blocks.append(a_t)
-                    b_blocks.append(b_t)
-            gains = np.zeros((len(self.rows), 1, start), dtype=np.float32)
-            for index, row in enumerate(self.rows):
-                for part in row.stack.parts if row.stack is not None else ():
-                    if part.layer_id in columns:
-                        gains[index, 0, columns[part.layer_id]] = part.gain
-            union[name] = (mx.concatenate(a_blocks, axis=1), mx.concatenate(b_blocks, axis=0), mx.array(gains).astype(dtype))
+        for name, (layer_ids, gains) in plan.modules.items():
+            factors = [self._layers.get(plan.parts[layer_id])[name] for layer_id in layer_ids]
+            union[name] = (
+                mx.concatenate([a_t for a_t, _ in factors], axis=1),
+                mx.concatenate([b_t for _, b_t in factors], axis=0),
+                mx.array(gains[:, None, :]).astype(self.backend.dtype),
+            )
         mx.eval(union)
         self._union = union
 
-    def _layer(self, part: StackPart) -> dict[str, tuple[mx.array, mx.array]]:
-        found = self._layers.get(part.layer_id)
-        if found is not None and all(found[0].modules.get(name, (None,))[0] is a for name, (a, _) in part.modules.items()):
-            self._layers.move_to_end(part.layer_id)
-            return found[1]
+    def _convert(self, part: StackPart) -> dict[str, tuple[mx.array, mx.array]]:
         dtype = self.backend.dtype
-        factors = {name: (mx.array(a.T).astype(dtype), mx.array(b.T).astype(dtype)) for name, (a, b) in part.modules.items()}
-        self._layers[part.layer_id] = (part, factors)
-        if len(self._layers) > _LAYER_CACHE:
-            self._layers.popitem(last=False)
-        return factors
+        return {name: (mx.array(a.T).astype(dtype), mx.array(b.T).astype(dtype)) for name, (a, b) in part.modules.items()}

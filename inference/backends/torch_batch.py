@@ -23,24 +23,20 @@ one row has no padding and runs exactly the one-request path.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.backends.torch import sample_token
 from inference.guards import Guard
 from inference.lora.stack import LoraStack, StackPart
+from inference.lora.union import ConvertedLayers, plan_union
 
 if TYPE_CHECKING:
     from inference.backends.torch import TorchBackend
-
-# Layers kept on the device for the union, least recently used dropped past this.
-_LAYER_CACHE = 64
 
 
 @dataclass(eq=False)
@@ -93,7 +89,7 @@ class TorchBatch:
         self.rebuilds = 0
         self._cache: object = None
         self._mask: torch.Tensor | None = None  # (rows, padded length): 1 real, 0 pad
-        self._layers: OrderedDict[str, tuple[StackPart, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self._layers: ConvertedLayers[tuple[torch.Tensor, torch.Tensor]] = ConvertedLayers(self._convert)
 
     # --- rows ---------------------------------------------------------------------------
 
@@ -225,58 +221,26 @@ class TorchBatch:
     def _rebuild(self) -> None:
         """U, A_U, B_U and G for the rows as they are now."""
         self.rebuilds += 1
-        parts: dict[str, StackPart] = {}
-        for row in self.rows:
-            for part in row.stack.parts if row.stack is not None else ():
-                parts.setdefault(part.layer_id, part)
-        dtype = self.backend.dtype
-        device = self.backend.device
+        plan = plan_union([row.stack for row in self.rows])
         modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        names = sorted({name for part in parts.values() for name in part.modules})
-        tensors = {layer_id: self._layer(part) for layer_id, part in parts.items()}
-        for name in names:
-            columns: dict[str, slice] = {}
-            a_blocks, b_blocks = [], []
-            start = 0
-            for layer_id, factors in tensors.items():
-                if name in factors:
-                    a, b = factors[name]
-                    columns[layer_id] = slice(start, start + a.shape[0])
-                    start += a.shape[0]
-                    a_blocks.append(a)
-                    b_blocks.append(b)
-            gains = np.zeros((len(self.rows), start), dtype=np.float32)
-            for index, row in enumerate(self.rows):
-                for part in row.stack.parts if row.stack is not None else ():
-                    if part.layer_id in columns:
-                        gains[index, columns[part.layer_id]] = part.gain
+        for name, (layer_ids, gains) in plan.modules.items():
+            factors = [self._layers.get(plan.parts[layer_id])[name] for layer_id in layer_ids]
             modules[name] = (
-                torch.cat(a_blocks),
-                torch.cat(b_blocks, dim=1),
-                torch.from_numpy(gains).to(device, dtype)[:, None, :],
+                torch.cat([a for a, _ in factors]),
+                torch.cat([b for _, b in factors], dim=1),
+                torch.from_numpy(gains).to(self.backend.device, self.backend.dtype)[:, None, :],
             )
-        self.union = Union(modules, tuple(parts))
+        self.union = Union(modules, tuple(plan.parts))
 
-    def _layer(self, part: StackPart) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """`part`'s factors on the device, converted once while it stays in use."""
-        found = self._layers.get(part.layer_id)
-        # The same id always names the same adapter; checking the source arrays as well
-        # means a row can never be given factors converted from other arrays than its own.
-        if found is not None and all(found[0].modules.get(name, (None,))[0] is a for name, (a, _) in part.modules.items()):
-            self._layers.move_to_end(part.layer_id)
-            return found[1]
+    def _convert(self, part: StackPart) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         backend = self.backend
-        factors = {
+        return {
             name: (
                 torch.tensor(a, device=backend.device, dtype=backend.dtype),
                 torch.tensor(b, device=backend.device, dtype=backend.dtype),
             )
             for name, (a, b) in part.modules.items()
         }
-        self._layers[part.layer_id] = (part, factors)
-        if len(self._layers) > _LAYER_CACHE:
-            self._layers.popitem(last=False)
-        return factors
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
