@@ -132,6 +132,11 @@ class Guard:
             return tokens + self._flushed(token_id), self._finish("length")
         return tokens, None
 
+    def events(self, token_id: int) -> list[Token | Finish]:
+        """`push`, as the list of events to send: the Tokens, then the Finish if it ends here."""
+        tokens, finish = self.push(token_id)
+        return [*tokens, finish] if finish is not None else tokens
+
     def nonfinite(self) -> Finish:
         """The ending for NaN or Inf in the logits (a broken adapter or overflowing weights)."""
         step = self.completion_tokens + 1

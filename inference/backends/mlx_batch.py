@@ -117,8 +117,7 @@ class MlxBatch:
         if token_id < 0:  # the sampler's mark for NaN or Inf
             return [row.guard.nonfinite()]
         row.next_token = token_id
-        tokens, finish = row.guard.push(token_id)
-        return [*tokens, finish] if finish is not None else list(tokens)
+        return row.guard.events(token_id)
 
     def remove(self, row: MlxRow) -> None:
         row.cache = None

@@ -24,7 +24,7 @@ one row has no padding and runs exactly the one-request path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,7 +53,6 @@ class TorchRow:
     length: int = 0  # real tokens in the batch cache once joined
     next_token: int = -1  # fed at the next decode step
     joined: bool = False
-    tokens: list[int] = field(default_factory=list)
 
     @property
     def prompt_tokens(self) -> int:
@@ -168,11 +167,8 @@ class TorchBatch:
         """Sample `row`'s next token with its own generator; the events it gives."""
         if not bool(torch.isfinite(logits).all()):
             return [row.guard.nonfinite()]
-        token_id = sample_token(logits, row.sampling, row.generator)
-        tokens, finish = row.guard.push(token_id)
-        row.next_token = token_id
-        row.tokens.append(token_id)
-        return [*tokens, finish] if finish is not None else list(tokens)
+        row.next_token = sample_token(logits, row.sampling, row.generator)
+        return row.guard.events(row.next_token)
 
     def remove(self, row: TorchRow) -> None:
         """Drop `row` (finished, cancelled or timed out) from the batch, or forget it unjoined."""
