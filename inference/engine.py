@@ -42,7 +42,7 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CLOSED = "engine closed"
-MAX_LABELS = 1024  # labels kept in `stats()`, least recently used dropped
+MAX_LABELS = 1024  # labels kept in `label_stats()`, least recently used dropped
 
 
 class QueueFull(RuntimeError):
@@ -128,7 +128,6 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     max_step_batch_size: int
     union_rank: int
     union_rebuilds: int
-    labels: list[LabelStats]
 
 
 class EngineMetrics:
@@ -311,14 +310,19 @@ class Engine:
             parts.append(event.text)
         raise AssertionError("unreachable: stream always ends with a Finish")
 
-    def stats(self) -> EngineStats:
-        """The engine's figures: queue, batch, and per label (the most recent `MAX_LABELS`)."""
+    def label_stats(self) -> list[LabelStats]:
+        """What the requests of each label (the most recent `MAX_LABELS`) got, by label."""
         with self._wake:
             labels = [
                 LabelStats(label, stats.requests, stats.completion_tokens, stats.errors,
                            1000 * stats.queue_wait_seconds / stats.admitted if stats.admitted else 0.0)
                 for label, stats in self._labels.items()
             ]  # fmt: skip
+        return sorted(labels, key=lambda entry: entry.label)
+
+    def stats(self) -> EngineStats:
+        """The engine's figures: queue and batch."""
+        with self._wake:
             figures = _Figures(**vars(self._figures))
             queued, running = len(self._waiting), len(self._running)
         return EngineStats(
@@ -334,7 +338,6 @@ class Engine:
             max_step_batch_size=figures.max_step_rows,
             union_rank=figures.union_rank,
             union_rebuilds=figures.union_rebuilds,
-            labels=sorted(labels, key=lambda entry: entry.label),
         )
 
     # --- admission ------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class PersonaFigures(msgspec.Struct, frozen=True):
 
 class InferenceStats(msgspec.Struct, frozen=True, kw_only=True):
     loaded: bool  # the model loads on the first chat
-    engine: EngineStats | None  # its labels are given as `personas` instead
+    engine: EngineStats | None
     personas: list[PersonaFigures]
 
 
@@ -86,13 +86,12 @@ class ChatRuntime:
         engine = self.engine
         if engine is None:
             return InferenceStats(loaded=False, engine=None, personas=[])
-        figures = engine.stats()
         mine = f"{owner}/"
         personas = [
             PersonaFigures(entry.label[len(mine):], entry.requests, entry.completion_tokens, entry.errors, entry.mean_queue_wait_ms)
-            for entry in figures.labels if entry.label.startswith(mine)
+            for entry in engine.label_stats() if entry.label.startswith(mine)
         ]  # fmt: skip
-        return InferenceStats(loaded=True, engine=msgspec.structs.replace(figures, labels=[]), personas=personas)
+        return InferenceStats(loaded=True, engine=engine.stats(), personas=personas)
 
     async def close(self) -> None:
         loaded, self._loaded = self._loaded, None

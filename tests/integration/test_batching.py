@@ -292,7 +292,7 @@ def test_the_engine_reports_batches_unions_and_queue_waits_per_label(
     stats = engine.stats()
     assert stats.mode == "batching" and stats.max_step_batch_size > 1 and stats.decode_steps > 0
     assert stats.union_rebuilds >= 6 and stats.batch_size == 0 and stats.active_requests == 0
-    assert [(entry.label, entry.requests, entry.completion_tokens) for entry in stats.labels] == [
+    assert [(entry.label, entry.requests, entry.completion_tokens) for entry in engine.label_stats()] == [
         ("persona-0", 3, 24), ("persona-1", 3, 24),
     ]  # fmt: skip
     registry = engine.metrics.registry

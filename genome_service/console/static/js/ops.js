@@ -4,12 +4,17 @@ import { Page, h, table } from "./dom.js";
 
 const text = (value) => (value !== null && typeof value === "object" ? JSON.stringify(value) : String(value));
 
-// Any JSON object: its scalar fields as a key/value table, each list of objects as a table.
+const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+
+// Any JSON object: its scalar fields as a key/value table, each nested object as its own
+// figures, each list of objects as a table.
 export function figures(caption, object) {
-  const scalars = Object.entries(object).filter(([, v]) => !Array.isArray(v));
+  const scalars = Object.entries(object).filter(([, v]) => !Array.isArray(v) && !isObject(v));
+  const nested = Object.entries(object).filter(([, v]) => isObject(v));
   const lists = Object.entries(object).filter(([, v]) => Array.isArray(v));
   return [
     table(caption, ["Figure", "Value"], scalars.map(([k, v]) => [k, text(v)])),
+    nested.map(([name, value]) => figures(`${caption}: ${name}`, value)),
     lists.map(([name, items]) => {
       if (!items.length || typeof items[0] !== "object") return table(`${caption}: ${name}`, ["Value"], items.map((v) => [text(v)]));
       const columns = [...new Set(items.flatMap((item) => Object.keys(item)))];
@@ -37,7 +42,7 @@ class Ops extends Page {
     const documented = new Set(Object.keys((await getJson("/schema/openapi.json")).paths));
     const sections = await Promise.all([["Health", "/health"], ["Readiness", "/ready"], ["Inference engine", "/inference/stats"]]
       .map(([caption, path]) => view(caption, path, documented)));
-    return [h("h1", {}, "Ops"), this.alert, ...sections.flat(),
+    return [h("h1", {}, "Ops"), this.alert, ...sections.flat(Infinity),
       h("button", { type: "button", onclick: () => this.refresh() }, "Refresh"),
       h("p", {}, "Prometheus metrics: ", h("a", { href: "/metrics" }, "/metrics"), ". API documentation: ",
         h("a", { href: "/schema/swagger" }, "Swagger UI"), " (served from files shipped with the service).")];
