@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     import threading
 
     from genome_service.services.bootstrap import Services
+
+DAEMON_START_TIMEOUT_S = 60
 
 app = typer.Typer(
     name="genome-service",
@@ -78,6 +81,12 @@ recipe_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(recipe_app, name="recipe")
+inference_app = typer.Typer(
+    help="The inference daemon: each base model in a supervised worker process, over an OpenAI-compatible API.",
+    epilog="Example: GENOME_INFERENCE_TOKEN=s3cret genome-service inference serve --host 0.0.0.0 --port 8100",
+    no_args_is_help=True,
+)
+app.add_typer(inference_app, name="inference")
 
 
 class UserError(Exception):
@@ -156,14 +165,122 @@ def serve(
     })
     context.say(f"genome-service on http://{settings.host}:{settings.port} ({_safe(settings.resolved_database_url)})")
     context.say(f"console: http://{settings.host}:{settings.port}/console/")
-    uvicorn.run(
-        "genome_service.api.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level.lower(),
-    )
+    with _embedded_daemon(context, settings):
+        uvicorn.run(
+            "genome_service.api.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level.lower(),
+        )
+
+
+@contextmanager
+def _embedded_daemon(context: Context, settings: Settings) -> Iterator[None]:
+    """Start the inference daemon before any API worker exists, so that they all share it.
+
+    Not when a remote one is configured (GENOME_INFERENCE_URL) or the embedded one is off
+    (GENOME_INFERENCE_DAEMON=off: each API process then loads its own model).
+    """
+    if settings.inference_url or settings.inference_daemon == "off":
+        yield
+        return
+    import secrets
+    import socket
+    import subprocess
+
+    import httpx
+
+    # A fresh token even on loopback: other local users can reach a loopback port too.
+    token = secrets.token_urlsafe(32)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "genome_service.cli", "--quiet", "inference", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--parent-pid", str(os.getpid())]
+    daemon = subprocess.Popen(command, env={**os.environ, "GENOME_INFERENCE_TOKEN": token, "GENOME_INFERENCE_URL": ""})
+    try:
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while True:
+            if daemon.poll() is not None:
+                raise UserError(f"the embedded inference daemon exited with code {daemon.returncode} while starting")
+            try:
+                if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {token}"}, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"the embedded inference daemon did not answer on {url} within {DAEMON_START_TIMEOUT_S} s") from None
+            time.sleep(0.05)  # a process starting: nothing to await but its port
+        os.environ.update({"GENOME_INFERENCE_URL": url, "GENOME_INFERENCE_TOKEN": token})
+        context.say(f"inference daemon on {url} (pid {daemon.pid}); models start on first use")
+        yield
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+
+
+@inference_app.command("serve", epilog="Example: GENOME_INFERENCE_TOKEN=s3cret genome-service inference serve --host 0.0.0.0 --port 8100")
+def inference_serve(
+    ctx: typer.Context,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (env GENOME_INFERENCE_DAEMON_HOST); off loopback GENOME_INFERENCE_TOKEN is required.")] = None,  # noqa: UP045, E501
+    port: Annotated[Optional[int], typer.Option(help="Port (env GENOME_INFERENCE_DAEMON_PORT).")] = None,  # noqa: UP045
+    memory_bytes: Annotated[Optional[int], typer.Option(help="Declared weight bytes the started models may hold (env GENOME_INFERENCE_MEMORY_BYTES; 0: half the machine's memory).")] = None,  # noqa: UP045, E501
+    parent_pid: Annotated[Optional[int], typer.Option(hidden=True, help="Exit when this process is gone (the embedded daemon's API).")] = None,  # noqa: UP045, E501
+) -> None:
+    """Serve every registered base model over an OpenAI-compatible API, each in its own supervised worker process.
+
+    A model's worker starts on its first request, within the memory budget (least recently
+    used idle models stop to make room), restarts with backoff after a crash and is killed
+    and restarted when a request runs past its timeout. Requests may carry their LoRA stack
+    as adapter hashes (`genome_stack`), read from the API's blob folder (GENOME_BLOB_DIR).
+    """
+    import uvicorn
+
+    from genome_service.api.auth import is_loopback
+    from genome_service.services.backend import daemon_pool
+    from inference.daemon.app import create_daemon_app
+    from inference.models import ModelCatalog
+
+    context: Context = ctx.obj
+    settings = Settings.from_env(
+        database_url=context.settings.database_url or None, data_dir=context.settings.data_dir,
+        inference_daemon_host=host, inference_daemon_port=port, inference_memory_bytes=memory_bytes,
+    )  # fmt: skip
+    if not is_loopback(settings.inference_daemon_host) and not settings.inference_token:
+        raise UserError(f"refusing to listen on {settings.inference_daemon_host} without GENOME_INFERENCE_TOKEN: "
+                        "whoever reaches the daemon runs models and reads adapters. Set one, or bind to 127.0.0.1")
+    try:
+        pool = daemon_pool(settings)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if parent_pid is not None:
+        _exit_with(parent_pid)
+    models = ModelCatalog(settings.resolved_models_dir).names()
+    daemon = create_daemon_app(pool, token=settings.inference_token, models=models, default_timeout=settings.inference_timeout,
+                               default_max_tokens=settings.chat_default_max_tokens)
+    context.say(f"inference daemon on http://{settings.inference_daemon_host}:{settings.inference_daemon_port}: "
+                f"{', '.join(models)}; memory budget {pool.settings.memory_bytes} bytes")
+    # Embedded, the API's own access log already has every request.
+    uvicorn.run(daemon, host=settings.inference_daemon_host, port=settings.inference_daemon_port,
+                log_level=settings.log_level.lower(), access_log=parent_pid is None)
+
+
+def _exit_with(parent_pid: int) -> None:
+    """Stop this process (cleanly, through SIGTERM) once `parent_pid` has gone."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @db_app.command("upgrade", epilog="Example: genome-service db upgrade")

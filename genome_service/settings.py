@@ -75,6 +75,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     inference_prefill_chunk: int = 256
     # openai backend: requests sent to the server at once (it batches them on its side).
     openai_concurrency: int = 16
+    # The inference daemon (`genome-service inference serve`): models in supervised worker
+    # processes. Set, API processes generate through the daemon at this URL (e.g.
+    # http://10.0.0.5:8100); empty, each process runs its own in-process engine, unless `serve`
+    # starts an embedded daemon for its workers (inference_daemon "embedded", the default).
+    inference_url: str = ""
+    # Sent by the API as a bearer token, required by a daemon that listens off loopback.
+    inference_token: str = ""
+    inference_daemon: Literal["embedded", "off"] = "embedded"
+    inference_daemon_host: str = "127.0.0.1"
+    inference_daemon_port: int = 8100
+    # Declared weight bytes (parameters x dtype size) the daemon's started models may hold;
+    # 0: half of this machine's memory.
+    inference_memory_bytes: int = 0
+    # A crashed worker restarts after this, doubled for each crash in a row; after
+    # inference_max_crashes in a row it is unhealthy. A request still running this long past
+    # its timeout has its worker killed and restarted.
+    inference_restart_backoff_seconds: float = 1.0
+    inference_max_crashes: int = 3
+    inference_stuck_grace_seconds: float = 5.0
+    # Where the daemon reads adapters: the API's blob folder (blob_dir) when it shares this
+    # machine's disk, else the API's URL, fetched with the token (GET /inference/blobs/{sha256}).
+    inference_blobs_url: str = ""
     # RAG: layer search and persona knowledge (``rag/``, ``genome_service/services/indexes.py``).
     # Where the FAISS indexes are saved with their log position; default: ``data_dir/index``.
     index_dir: Path | None = None
@@ -148,6 +170,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "GENOME_INFERENCE_MAX_BATCH, GENOME_INFERENCE_MAX_BATCH_TOKENS, GENOME_INFERENCE_PREFILL_CHUNK "
                 "and GENOME_OPENAI_CONCURRENCY must be >= 1"
             )
+        if self.inference_memory_bytes < 0 or self.inference_max_crashes < 1 or not 1 <= self.inference_daemon_port <= 65535:
+            raise ValueError("GENOME_INFERENCE_MEMORY_BYTES must be >= 0, GENOME_INFERENCE_MAX_CRASHES >= 1 and "
+                             "GENOME_INFERENCE_DAEMON_PORT within 1..65535")
+        if not (self.inference_restart_backoff_seconds >= 0 and self.inference_stuck_grace_seconds >= 0):
+            raise ValueError("GENOME_INFERENCE_RESTART_BACKOFF_SECONDS and GENOME_INFERENCE_STUCK_GRACE_SECONDS must be >= 0")
         if not 1 <= self.chat_default_max_tokens <= self.chat_max_tokens_limit or self.chat_context_k < 0:
             raise ValueError("GENOME_CHAT_DEFAULT_MAX_TOKENS must be within 1..GENOME_CHAT_MAX_TOKENS_LIMIT; GENOME_CHAT_CONTEXT_K >= 0")
         if not self.chat_timeout > 0 or self.chat_context_tokens < 0:
@@ -170,6 +197,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def resolved_openai_adapters_dir(self) -> Path:
         return self.openai_adapters_dir or self.data_dir / "served-adapters"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
 
     @property
     def resolved_database_url(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -171,3 +172,23 @@ def _link(source: Path, target: Path) -> None:
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(source)
     os.replace(temporary, target)
+
+
+def declared_weight_bytes(folder: Path, bytes_per_parameter: int) -> int:
+    """The model's parameters (counted from its safetensors headers) times `bytes_per_parameter`.
+
+    Deterministic and read without loading a tensor: the header of a `.safetensors` file is an
+    8-byte little-endian length and a JSON object giving every tensor's shape.
+    """
+    parameters = 0
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: expected .safetensors weights, found none")
+    for path in files:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                parameters += math.prod(entry["shape"])
+    return parameters * bytes_per_parameter

@@ -67,8 +67,13 @@ def launch(tmp_path: Path, processes: list[subprocess.Popen[str]], database_url:
     processes.append(process)
     assert process.stderr is not None
     log = tmp_path / f"server-{port}.log"
-    for line in process.stderr:  # uvicorn says when it accepts connections
-        if "Uvicorn running on" in line:
+    # uvicorn says when it listens (the embedded daemon's says its own port); with several
+    # workers each then says when it accepts connections.
+    workers, listening, started = int(settings.get("workers") or 1), False, 0
+    for line in process.stderr:
+        listening = listening or f"Uvicorn running on http://127.0.0.1:{port}" in line
+        started += listening and workers > 1 and "Application startup complete" in line
+        if listening and (workers == 1 or started == workers):
             # Keep reading: a server that logs a lot later (a fuzzed request's errors) must
             # never block on a full pipe. What it writes lands in a file for failing tests.
             threading.Thread(target=_drain, args=(process.stderr, log), daemon=True).start()

@@ -97,13 +97,14 @@ class Runner:
     """Runs sessions on one loaded model; `backend` serves the session's base model."""
 
     def __init__(self, services: Services, backend: Backend, model_name: str, settings: RunnerSettings,
-                 *, stopping: threading.Event | None = None) -> None:
+                 *, stopping: threading.Event | None = None, stacks: StackResolver | None = None) -> None:
         self.services = services
         self.backend = backend
         self.model_name = model_name
         self.settings = settings
         self.stopping = stopping or threading.Event()
-        self.stacks = StackResolver(services, services.models.get(model_name))
+        # The backend's resolver where it takes stacks by reference (the inference daemon).
+        self.stacks = stacks or StackResolver(services, services.models.get(model_name))
         self.genomes, self.sessions = Genomes(services), AcademySessions(services)
 
     # --- the session --------------------------------------------------------------------

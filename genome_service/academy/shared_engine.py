@@ -24,6 +24,8 @@ from genome_service.services.academy_sessions import AcademySessions
 from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller
 from inference.backends.base import ChatMessage, Finish, Sampling, Token, never_cancelled
+from inference.daemon.client import DaemonEngine
+from inference.daemon.protocol import StackEntry
 from inference.engine import Engine
 from inference.lora.stack import LoraStack
 
@@ -36,7 +38,7 @@ POLL_SECONDS = 0.1
 class EngineBackend:
     """`engine`, whose loop is `loop`, as a synchronous Backend for code on other threads."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, priority: int = ACADEMY_PRIORITY,
+    def __init__(self, engine: Engine | DaemonEngine, loop: asyncio.AbstractEventLoop, *, priority: int = ACADEMY_PRIORITY,
                  timeout: float | None = None) -> None:
         self.name = engine.backend.name
         self._engine = engine
@@ -51,7 +53,7 @@ class EngineBackend:
     def generate(
         self,
         messages: Sequence[ChatMessage],
-        stack: LoraStack | None,
+        stack: LoraStack | list[StackEntry] | None,
         sampling: Sampling,
         cancelled: Callable[[], bool] = never_cancelled,
     ) -> Iterator[Token | Finish]:
@@ -59,7 +61,7 @@ class EngineBackend:
 
         async def pump() -> None:
             try:
-                stream = self._engine.stream(messages, stack, sampling, priority=self._priority, timeout=self._timeout)
+                stream = self._engine.stream(messages, stack, sampling, priority=self._priority, timeout=self._timeout)  # type: ignore[arg-type]
                 async for event in stream:
                     events.put(event)
             except Exception as exc:  # noqa: BLE001 - a full queue or a closed engine ends this generation
@@ -94,7 +96,7 @@ class SharedEngine:
         backend = EngineBackend(loaded.engine, asyncio.get_running_loop(),
                                 timeout=self.services.settings.inference_timeout)
         settings = RunnerSettings.from_settings(self.services.settings)
-        return Runner(self.services, backend, loaded.model, settings, stopping=stopping)
+        return Runner(self.services, backend, loaded.model, settings, stopping=stopping, stacks=loaded.resolver)
 
     def runner_from_thread(self, loop: asyncio.AbstractEventLoop, stopping: threading.Event | None = None) -> Runner:
         """`runner` for a thread other than the loop's: blocks until the model is loaded."""

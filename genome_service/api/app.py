@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from litestar import Controller, Litestar, Request
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
+from litestar.datastructures import ResponseHeader
 from litestar.openapi import OpenAPIConfig
 
 from genome_service.academy.shared_engine import SharedEngine
@@ -28,6 +30,8 @@ from genome_service.mcp.server import Features, features_of
 from genome_service.recipes.service import RecipeRuns, Recipes
 from genome_service.services.bootstrap import Services, build
 from genome_service.settings import Settings
+
+PROCESS_HEADER = "X-Genome-Process"
 
 log = logging.getLogger("genome_service")
 REQUEST_TYPES = (
@@ -80,13 +84,15 @@ def create_app(services: Services) -> Litestar:
     features = features_of(services, runtime)
     mcp, mcp_lifespan = mcp_mount(features, settings.host)
     app = Litestar(
-        route_handlers=[HealthController, metrics.controller(), mcp, *console_routes(),
+        route_handlers=[HealthController, metrics.controller(runtime.daemon_metrics if runtime.daemon else None), mcp, *console_routes(),
                         *_controllers(services, features, academy_engine, runtime, settings.max_adapter_bytes)],
         dependencies={"services": Provide(provide_services, sync_to_thread=False), **dependencies(services)},
         middleware=middleware,
         plugins=[problem_details_plugin()],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
+        # Which API process answered: with several workers, the only way to tell them apart.
+        response_headers=[ResponseHeader(name=PROCESS_HEADER, value=str(os.getpid()), description="The API process that answered")],
         on_startup=[catch_up, *([worker.start] if worker else [])],
         on_shutdown=[*([worker.stop] if worker else []), runtime.close, services.close],
         lifespan=[mcp_lifespan],

@@ -28,6 +28,7 @@ from genome_service.services.context import Caller, Command
 from genome_service.services.conversations import ConversationDetail, Conversations
 from genome_service.services.reads import MAX_PAGE, Page
 from inference.backends.base import Token
+from inference.daemon.app import PID_HEADER as WORKER_PID_HEADER
 
 
 class ChatMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,7 +62,7 @@ class ChatController(Controller):
     async def chat_with(self, command: NamedDependency[Command], persona_id: FromPath[str], data: JSONBody[ChatCreate]) -> Response[ChatAnswer]:
         """Ask the persona: a JSON answer, or with `stream` SSE `token` events then `done` (citations, usage, finish)."""
         turn = await self.chat.start(command.caller, persona_id, ask_of(data), command.metadata)
-        return ServerSentEvent(sse_events(turn)) if data.stream else Response(await self.chat.answer(turn), media_type=MediaType.JSON)
+        return ServerSentEvent(sse_events(turn)) if data.stream else await json_answer(self.chat, turn)
 
     @get("/personas/{persona_id:str}/conversations", operation_id="listConversations", sync_to_thread=False)
     def list(
@@ -75,6 +76,16 @@ class ChatController(Controller):
     def read(self, caller: NamedDependency[Caller], conversation_id: FromPath[str]) -> ConversationDetail:
         """One conversation and every message, with how each reply was generated."""
         return self.conversations.get(caller, conversation_id)
+
+
+async def json_answer(chat: Chat, turn: Turn) -> Response[ChatAnswer]:
+    reply = await chat.reply(turn)
+    return Response(answer_of(reply), media_type=MediaType.JSON, headers=worker_header(reply))
+
+
+def worker_header(reply: Reply) -> dict[str, str]:
+    """Names the inference daemon's worker process that generated the reply, when one did."""
+    return {WORKER_PID_HEADER: str(reply.worker_pid)} if reply.worker_pid else {}
 
 
 def document_chat(schema: OpenAPI, path: str = "/personas/{persona_id}/chat") -> None:

@@ -23,6 +23,7 @@ from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
 from genome_service.services.errors import ConcurrencyConflict, DatabaseUnavailable
 from genome_service.services.refusals import REFUSED, refusal
+from inference.daemon.client import DaemonRefused
 
 log = logging.getLogger("genome_service.api")
 PROBLEM_BASE = "https://genome-service.dev/problems/"
@@ -69,7 +70,7 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
             exception_to_problem_detail_map={
                 HTTPException: _http,
                 # These have handlers of their own below (If-Match, Retry-After).
-                **dict.fromkeys({*REFUSED, ChatRefused, ChatUnavailable} - set(EXCEPTION_HANDLERS), _refused),
+                **dict.fromkeys({*REFUSED, ChatRefused, ChatUnavailable, DaemonRefused} - set(EXCEPTION_HANDLERS), _refused),
             }
         )
     )

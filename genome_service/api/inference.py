@@ -13,7 +13,7 @@ class InferenceController(Controller):
     tags = ["ops"]
     runtime: ChatRuntime
 
-    @get("/inference/stats", operation_id="inferenceStats", sync_to_thread=False)
-    def stats(self, caller: NamedDependency[Caller]) -> InferenceStats:
-        """Queue, batch and LoRA-union figures of this process's engine; per-persona figures for the caller's personas."""
-        return self.runtime.stats(caller.owner)
+    @get("/inference/stats", operation_id="inferenceStats")
+    async def stats(self, caller: NamedDependency[Caller]) -> InferenceStats:
+        """Queue, batch and LoRA-union figures of the engines (with a daemon: each model's worker too); per-persona figures for the caller's personas."""
+        return await self.runtime.stats(caller.owner)

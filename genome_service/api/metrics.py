@@ -12,7 +12,7 @@ is the append rate.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from itertools import accumulate
 from time import perf_counter
 
@@ -100,16 +100,17 @@ class RequestMetrics:
 
         return measured
 
-    def controller(self) -> type[Controller]:
+    def controller(self, more: Callable[[], Awaitable[bytes]] | None = None) -> type[Controller]:
+        """The `/metrics` route; `more` adds another exposition (the inference daemon's) after this process's."""
         registry = self.registry
 
         class MetricsController(Controller):
             path = "/metrics"
             tags = ["ops"]
 
-            @get("/", operation_id="metrics", media_type=CONTENT_TYPE_LATEST, sync_to_thread=False)
-            def metrics(self) -> Response[bytes]:
-                """Prometheus text exposition format."""
-                return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+            @get("/", operation_id="metrics", media_type=CONTENT_TYPE_LATEST)
+            async def metrics(self) -> Response[bytes]:
+                """Prometheus text exposition format (with a daemon, its per-model figures follow this process's)."""
+                return Response(generate_latest(registry) + (await more() if more else b""), media_type=CONTENT_TYPE_LATEST)
 
         return MetricsController

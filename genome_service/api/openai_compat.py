@@ -19,7 +19,7 @@ from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from genome_service.api.chat import ChatMessageIn
+from genome_service.api.chat import ChatMessageIn, worker_header
 from genome_service.api.openapi import SSE
 from genome_service.chat.service import AskedMessage, Chat, ChatAsk, Turn
 from genome_service.chat.turn import ChatRefused, Reply
@@ -122,7 +122,7 @@ def _completion(reply: Reply, model: str) -> Response[Completion]:
         choices=[Choice(0, CompletionMessage("assistant", reply.content), _finish_reason(generation))],
         usage=_usage(generation), conversation_id=reply.conversation_id, citations=list(generation.citations),
     )
-    return Response(completion, media_type=MediaType.JSON)
+    return Response(completion, media_type=MediaType.JSON, headers=worker_header(reply))
 
 
 class OpenAIController(Controller):

@@ -31,8 +31,10 @@ from genome_service.services.bootstrap import Services
 from genome_service.services.conversations import Conversations
 from genome_service.services.creation import new_id
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
+from inference.daemon.client import DaemonRefused
+from inference.daemon.protocol import StackEntry
 from inference.engine import QueueFull
-from inference.lora.stack import LoraStack
+from inference.lora.stack import LoraStack, stack_key
 from rag.retriever import Passage, select
 
 # Nearest chunks fetched per passage wanted, so the token budget can pass over long ones.
@@ -68,13 +70,15 @@ class Reply(msgspec.Struct, frozen=True):
     content: str
     generation: Generation
     failure: ChatRefused | None = None
+    worker_pid: int | None = None  # the inference daemon's worker that generated it, if one did
 
 
 class _Prepared(msgspec.Struct, frozen=True):
     request: TurnRequest
     conversation_id: str
     prompt: Prompt
-    stack: LoraStack | None
+    stack: LoraStack | list[StackEntry] | None
+    stack_hash: str | None
     sampling: Sampling
     loaded: Loaded
 
@@ -86,29 +90,33 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
     Closing the iterator early cancels generation and records nothing.
     """
     validate_asked(request.messages)  # before loading a model for a request that cannot run
-    loaded = await runtime.ready()
+    model = await asyncio.to_thread(runtime.model_of, request.persona_id)
+    loaded = await runtime.ready(model)
     prepared = await asyncio.to_thread(prepare_turn, services, loaded, request)
     try:
-        events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling,
+        events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling,  # type: ignore[arg-type]
                                       label=persona_label(request.owner, request.persona_id))
     except QueueFull as error:
         raise ChatRefused(429, "inference_busy", str(error)) from None
     parts: list[str] = []
     started = asyncio.get_running_loop().time()
     async with aclosing(events) as stream:  # closing it is what cancels generation
-        async for event in stream:
-            if isinstance(event, Token):
-                parts.append(event.text)
-                yield event
-                continue
-            yield await _finish(services, prepared, "".join(parts), event, metadata, started)
+        try:
+            async for event in stream:
+                if isinstance(event, Token):
+                    parts.append(event.text)
+                    yield event
+                    continue
+                yield await _finish(services, prepared, "".join(parts), event, metadata, started)
+        except DaemonRefused as error:  # raised before the first token, as every refusal is
+            raise ChatRefused(error.status, error.rule, str(error)) from None
 
 
 async def _finish(services: Services, prepared: _Prepared, content: str, finish: Finish, metadata: EventMetadata, started: float) -> Reply:
     request, sampling = prepared.request, prepared.sampling
     generation = Generation(
         model=prepared.loaded.model,
-        stack_hash=prepared.stack.key if prepared.stack is not None else None,
+        stack_hash=prepared.stack_hash,
         sampling=SamplingUsed(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed),
         usage=Usage(finish.prompt_tokens or prepared.prompt.tokens, finish.completion_tokens),
         finish_reason=finish.reason,
@@ -117,12 +125,13 @@ async def _finish(services: Services, prepared: _Prepared, content: str, finish:
     if finish.reason not in CLEAN_ENDS:
         elapsed = asyncio.get_running_loop().time() - started
         timed_out = elapsed >= prepared.loaded.engine.timeout
-        rule = "generation_timed_out" if timed_out else "generation_failed"
-        return Reply(prepared.conversation_id, content, generation, ChatRefused(503, rule, finish.error or finish.reason))
+        rule = finish.rule or ("generation_timed_out" if timed_out else "generation_failed")
+        return Reply(prepared.conversation_id, content, generation, ChatRefused(503, rule, finish.error or finish.reason),
+                     finish.worker_pid)
     command = RecordTurn(prepared.conversation_id, request.persona_id, request.owner, request.messages,
                          Message("assistant", content, generation))
     await asyncio.to_thread(services.commands.execute, CONVERSATION, prepared.conversation_id, command, metadata=metadata)
-    return Reply(prepared.conversation_id, content, generation)
+    return Reply(prepared.conversation_id, content, generation, worker_pid=finish.worker_pid)
 
 
 def prepare_turn(services: Services, loaded: Loaded, request: TurnRequest) -> _Prepared:
@@ -143,7 +152,8 @@ def prepare_turn(services: Services, loaded: Loaded, request: TurnRequest) -> _P
         prompt = assemble(system_prompt, passages, history, loaded.count_prompt, budget)
     except PromptTooLong as error:
         raise ChatRefused(422, "prompt_too_long", str(error)) from None
-    return _Prepared(request, conversation_id, prompt, loaded.resolver.stack(layers), sampling, loaded)
+    stack = loaded.resolver.stack(layers)
+    return _Prepared(request, conversation_id, prompt, stack, stack_key(layers) if stack is not None else None, sampling, loaded)
 
 
 def _history(services: Services, request: TurnRequest) -> tuple[str, list[ChatMessage]]:
@@ -157,6 +167,8 @@ def _history(services: Services, request: TurnRequest) -> tuple[str, list[ChatMe
 def _retrieve(services: Services, request: TurnRequest, loaded: Loaded, room: int) -> list[Passage]:
     """The persona's chunks nearest the newest user message, best first, within ``room`` tokens."""
     search = services.search
+    if not search.has_knowledge(request.persona_id):
+        return []
     query = search.query_vector(request.messages[-1].content)
     candidates = search.knowledge_candidates(query, request.context_k * CANDIDATES_PER_PASSAGE, request.persona_id)
     return select(candidates, k=request.context_k, token_budget=room, count_tokens=loaded.count_text)

@@ -60,6 +60,6 @@ def build(
     embedder = embedder or SentenceTransformerEmbedder(batch_size=settings.embed_batch_size, cache_size=settings.embed_cache_size)
     return Services(
         settings, database, store, repository, projector, commands, KeyStore(database), data_keys,
-        BlobStore(settings.blob_dir or settings.data_dir / "blobs"), ModelCatalog(settings.resolved_models_dir),
+        BlobStore(settings.resolved_blob_dir), ModelCatalog(settings.resolved_models_dir),
         SearchIndexes(repository, embedder, settings),
     )

@@ -259,6 +259,12 @@ class SearchIndexes:
             hits = index.search(query, k, Filter({"persona_id": frozenset({persona_id})}))
             return [(hit, index.vector(hit.key)) for hit in hits]
 
+    def has_knowledge(self, persona_id: str) -> bool:
+        """Whether the persona has any live chunk: without one a chat embeds no query (and loads no embedder)."""
+        statement = sa.select(CHUNKS.c.persona_id).where(CHUNKS.c.persona_id == persona_id).limit(1)
+        with self.store.database.read() as connection:
+            return connection.execute(statement).first() is not None
+
     def knowledge_candidates(self, query: np.ndarray, k: int, persona_id: str) -> list[Candidate]:
         """The persona's ``k`` nearest live chunks with their texts (from the read model), best first."""
         hits = self.current().search_knowledge(query, k, persona_id)

@@ -66,6 +66,8 @@ class Finish(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    rule: str | None = None  # why it failed, as the refusal rule the API answers with
+    worker_pid: int | None = None  # the inference daemon's worker process that generated it
 
 
 Event = Token | Finish

@@ -12,7 +12,7 @@ import pytest
 from servers import Server
 from test_personas_and_genomes_api import PROBLEM
 
-from inference.models import ModelCatalog
+from inference.models import DEFAULT_MODEL, ModelCatalog
 
 FACT = "The moon of Quillon is named Vesperine. Vesperine glows violet at dusk and was charted by Ilsa Marrow."
 OTHERS = ("Sourdough bread rises slowly because wild yeast ferments the dough overnight.",
@@ -106,9 +106,10 @@ def test_a_stream_sends_tokens_before_it_ends_and_a_closed_stream_stops_generati
             kind, data = next(sse(response.iter_lines()))
             assert kind == "token" and isinstance(data["text"], str)
             # The first token is here and the generation is still running.
-            assert sample(client, "genome_inference_active_requests") == 1
+            # The engine's figures are the inference daemon's, labelled by model, on the API's /metrics.
+            assert sample(client, "genome_inference_active_requests", f'model="{DEFAULT_MODEL}"') == 1
         deadline = time.monotonic() + 30
-        while sample(client, "genome_inference_requests_total", 'reason="cancelled"') < 1:
+        while sample(client, "genome_inference_requests_total", f'model="{DEFAULT_MODEL}",reason="cancelled"') < 1:
             assert time.monotonic() < deadline, "closing the stream did not cancel the generation"
         assert client.get(f"/personas/{persona_id}/conversations").json()["items"] == []
 

@@ -1,0 +1,179 @@
+"""A model worker: one base model, one batching engine, in a process of its own.
+
+The daemon starts it (spawned, so it shares no state with its parent), sends requests over
+a pipe and reads Tokens back. Everything that can crash, hang or take gigabytes (libtorch,
+mlx, the weights, the KV cache) lives here, so a crash takes this process only: the daemon
+notices the pipe closing and fails what was in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import msgspec
+
+from inference.backends.base import Finish, Sampling, Token
+from inference.daemon.adapters import AdapterMissing, AdapterStacks, FolderBlobs, HttpBlobs
+from inference.daemon.protocol import (
+    Cancel,
+    Ended,
+    Failed,
+    Figures,
+    FiguresReply,
+    Generate,
+    Ready,
+    Refused,
+    TokenOut,
+    decode_to_worker,
+    encode,
+)
+from inference.lora.adapter import AdapterRejected
+from inference.models import ModelSpec
+
+
+class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    folder: str
+    backend: str  # torch or mlx
+    device: str
+    blobs_dir: str | None  # the API's blob folder, or None to fetch from blobs_url
+    blobs_url: str | None
+    token: str
+    max_lora_rank: int
+    adapter_cache_bytes: int
+    stack_cache_size: int
+    max_queue: int
+    timeout: float
+    max_batch: int
+    max_batch_tokens: int
+    prefill_chunk: int
+
+
+def main(connection: Connection, config: WorkerConfig) -> None:
+    """The worker process's entry point: load the model, then serve the pipe until it closes."""
+    # Ctrl-C in a terminal reaches the whole process group; the daemon decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine, stacks = _load(config)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the model loading is the daemon's error to report
+        connection.send_bytes(encode(Failed(f"{config.model}: {type(exc).__name__}: {exc}")))
+        return
+    connection.send_bytes(encode(Ready(os.getpid(), engine.backend.name)))
+    asyncio.run(_Worker(connection, engine, stacks).serve())
+
+
+def _load(config: WorkerConfig):  # noqa: ANN202 - (Engine, AdapterStacks), both imported lazily
+    from inference.backends import open_backend
+    from inference.engine import Engine
+
+    folder = Path(config.folder)
+    spec = ModelSpec.from_hf_config(config.model, json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    backend = open_backend(config.backend, folder=folder, device=config.device,  # type: ignore[arg-type]
+                           stack_cache_size=config.stack_cache_size)
+    source = FolderBlobs(Path(config.blobs_dir)) if config.blobs_dir else HttpBlobs(config.blobs_url or "", config.token)
+    stacks = AdapterStacks(source, spec, max_rank=config.max_lora_rank, adapter_cache_bytes=config.adapter_cache_bytes,
+                           stack_cache_size=config.stack_cache_size)
+    engine = Engine(backend, max_queue=config.max_queue, timeout=config.timeout, max_batch=config.max_batch,
+                    max_batch_tokens=config.max_batch_tokens, prefill_chunk=config.prefill_chunk,
+                    stack_hit_rate=lambda: stacks.cache.hit_rate)
+    return engine, stacks
+
+
+class _Worker:
+    def __init__(self, connection: Connection, engine, stacks: AdapterStacks) -> None:  # noqa: ANN001 - Engine
+        self.connection = connection
+        self.engine = engine
+        self.stacks = stacks
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.closed = asyncio.Event()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.engine.start()
+        threading.Thread(target=self._read, args=(loop,), name="worker-pipe", daemon=True).start()
+        await self.closed.wait()
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await self.engine.close()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The pipe's other end closing means the daemon is gone: nobody will read an answer.
+        while True:
+            try:
+                message = decode_to_worker(self.connection.recv_bytes())
+            except (EOFError, OSError):
+                loop.call_soon_threadsafe(self.closed.set)
+                return
+            loop.call_soon_threadsafe(self._dispatch, message)
+
+    def _send(self, message: msgspec.Struct) -> None:
+        try:
+            self.connection.send_bytes(encode(message))
+        except (BrokenPipeError, OSError):
+            self.closed.set()
+
+    def _dispatch(self, message: Generate | Cancel | Figures) -> None:
+        if isinstance(message, Generate):
+            task = asyncio.create_task(self._generate(message))
+            self.tasks[message.id] = task
+            task.add_done_callback(lambda _: self.tasks.pop(message.id, None))
+        elif isinstance(message, Cancel):
+            task = self.tasks.get(message.id)
+            if task is not None:
+                task.cancel()
+        else:
+            self._send(FiguresReply(
+                message.id, msgspec.json.encode(self.engine.stats()), msgspec.json.encode(self.engine.label_stats()),
+                _exposition(self.engine.metrics.registry),
+            ))  # fmt: skip
+
+    async def _generate(self, request: Generate) -> None:
+        from inference.engine import QueueFull
+
+        try:
+            sampling = Sampling(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
+                                stop=tuple(request.stop), seed=request.seed, ignore_eos=request.ignore_eos)
+        except ValueError as exc:
+            self._send(Refused(request.id, 422, "sampling_out_of_range", str(exc)))
+            return
+        entries = [(entry.adapter_sha256, entry.weight) for entry in request.stack]
+        try:
+            stack = await asyncio.to_thread(self.stacks.stack, entries)
+            events = self.engine.stream(request.messages, stack, sampling, priority=request.priority,
+                                        timeout=request.timeout, label=request.label)
+        except AdapterMissing as exc:
+            self._send(Refused(request.id, 404, "adapter_not_found", str(exc)))
+            return
+        except AdapterRejected as exc:
+            self._send(Refused(request.id, 422, exc.reason, str(exc)))
+            return
+        except QueueFull as exc:
+            self._send(Refused(request.id, 429, "inference_busy", str(exc)))
+            return
+        try:
+            async for event in events:
+                if isinstance(event, Token):
+                    self._send(TokenOut(request.id, event.text, event.token_id))
+                else:
+                    self._send(_ended(request.id, event, request.timeout))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+def _ended(request_id: int, finish: Finish, timeout: float) -> Ended:
+    rule = None
+    if finish.reason == "error":
+        rule = "generation_timed_out" if finish.error and "timed out" in finish.error else "generation_failed"
+    return Ended(request_id, finish.reason, finish.prompt_tokens, finish.completion_tokens, finish.error, rule)
+
+
+def _exposition(registry: object) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()  # type: ignore[arg-type]
