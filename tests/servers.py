@@ -56,13 +56,13 @@ def launch(tmp_path: Path, processes: list[subprocess.Popen[str]], database_url:
     # No academy worker unless a test asks (None: the service's default): a fuzzed or stray
     # session must not start a long training.
     settings = {"academy_worker": "off", **settings}
+    port = int(settings.pop("port", None) or free_port())  # a test may need the URL before the server
     env = clean_env(tmp_path, **{f"GENOME_{k.upper()}": v for k, v in settings.items() if v is not None})
     if database_url:
         env["GENOME_DATABASE_URL"] = database_url
     else:
         (tmp_path / "data").mkdir(exist_ok=True)
         upgrade(f"sqlite:///{tmp_path / 'data' / 'genome.db'}")
-    port = free_port()
     process = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
     processes.append(process)
     assert process.stderr is not None

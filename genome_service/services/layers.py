@@ -5,6 +5,7 @@ blobs before the event is appended; a layer is readable by its owner, and by any
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,7 @@ from genome_service.projections.tables import LAYERS
 from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller, Command
 from genome_service.services.creation import create_stream
-from genome_service.services.errors import Forbidden, InvalidRequest
+from genome_service.services.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from genome_service.services.handler import Outcome
 from genome_service.services.reads import EventView, Page, Visibility, event_views, page, visible_row
 from inference.lora.adapter import parse_adapter
@@ -91,6 +92,21 @@ def register_layer(
 
 def adapter_manifest(services: Services, adapter_sha256: str) -> AdapterManifest:
     return msgspec.json.decode(services.blobs.read(adapter_sha256), type=AdapterManifest)
+
+
+def blob_for_daemon(services: Services, authorization: str | None, sha256: str) -> bytes:
+    """An adapter blob by hash, for an inference daemon that shares no folder with this API.
+
+    Only a caller presenting the daemon's token gets one: the daemon, which validates it.
+    """
+    token = services.settings.inference_token
+    if not token or not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("adapter blobs are served to the inference daemon only: "
+                           "present `Authorization: Bearer <GENOME_INFERENCE_TOKEN>`")
+    try:
+        return services.blobs.read(sha256)
+    except (ValueError, FileNotFoundError):
+        raise NotFound("blob", sha256) from None
 
 
 def adapter_file(services: Services, adapter_sha256: str, which: str) -> tuple[str, bytes]:

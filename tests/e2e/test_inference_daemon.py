@@ -211,10 +211,11 @@ def test_serve_with_three_workers_shares_one_copy_of_the_model(tmp_path: Path, d
         stop(processes)
 
 
-def start_daemon(tmp_path: Path, token: str, models_folder: Path) -> tuple[str, subprocess.Popen[str]]:
+def start_daemon(tmp_path: Path, token: str, models_folder: Path, blobs_url: str) -> tuple[str, subprocess.Popen[str]]:
     port = free_port()
-    env = clean_env(tmp_path, GENOME_INFERENCE_TOKEN=token, GENOME_MODELS_DIR=str(models_folder),
-                    GENOME_INFERENCE_DEVICE="cpu", GENOME_INFERENCE_BACKEND="torch")
+    # Its own data folder: adapters come over HTTP from the API, as on another machine.
+    env = clean_env(tmp_path / "daemon", GENOME_INFERENCE_TOKEN=token, GENOME_MODELS_DIR=str(models_folder),
+                    GENOME_INFERENCE_DEVICE="cpu", GENOME_INFERENCE_BACKEND="torch", GENOME_INFERENCE_BLOBS_URL=blobs_url)
     process = subprocess.Popen([*CLI, "inference", "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:
@@ -227,8 +228,8 @@ def start_daemon(tmp_path: Path, token: str, models_folder: Path) -> tuple[str, 
 def test_an_api_uses_a_daemon_started_apart_with_a_token(tmp_path: Path, tiny_model: Path) -> None:
     token = "a-shared-secret"
     folder = models_dir(tmp_path, None, tiny=tiny_model)
-    (tmp_path / "data").mkdir()
-    url, daemon = start_daemon(tmp_path, token, folder)
+    api_port = free_port()
+    url, daemon = start_daemon(tmp_path, token, folder, f"http://127.0.0.1:{api_port}")
     processes: list[subprocess.Popen[str]] = [daemon]
     try:
         ask = {"model": "tiny", "messages": QUESTION, "max_tokens": 2}
@@ -236,7 +237,8 @@ def test_an_api_uses_a_daemon_started_apart_with_a_token(tmp_path: Path, tiny_mo
             refused(httpx.post(f"{url}/v1/chat/completions", json=ask, headers=headers), 401, "invalid_token")
             refused(httpx.get(f"{url}/health", headers=headers), 401, "invalid_token")
         server = launch(tmp_path, processes, models_dir=str(folder), inference_model="tiny", inference_url=url,
-                        inference_token=token)
+                        inference_token=token, port=api_port)
+        refused(httpx.get(f"{server.url}/inference/blobs/{'0' * 64}"), 401, "unauthorized")
         chat_tests.test_bad_chat_requests_get_precise_problems_and_record_nothing(server)
         chat_tests.test_the_official_openai_client_chats_with_a_persona_as_a_model(server)
 
