@@ -47,6 +47,14 @@ def open_runner(services: Services, stopping: threading.Event | None = None) -> 
     from genome_service.services.backend import open_configured_backend
 
     settings = services.settings
+    if settings.inference_url:
+        # Generation through the inference daemon, on an event loop of the runner's own; training
+        # still loads its own copy of the model, when a session gets to it.
+        from genome_service.chat.runtime import ChatRuntime
+
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="academy-inference", daemon=True).start()
+        return SharedEngine(services, ChatRuntime(services)).runner_from_thread(loop, stopping)
     backend, _ = open_configured_backend(settings, services.models)
     return Runner(services, backend, settings.inference_model, RunnerSettings.from_settings(settings),
                   stopping=stopping)

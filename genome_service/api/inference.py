@@ -23,9 +23,10 @@ class InferenceController(Controller):
         """Queue, batch and LoRA-union figures of the engines (with a daemon: each model's worker too); per-persona figures for the caller's personas."""
         return await self.runtime.stats(caller.owner)
 
-    # Public to API keys: the inference daemon presents its own token instead.
+    # Not for API clients (outside the OpenAPI schema and API keys): the inference daemon
+    # presents its own token.
     @get("/inference/blobs/{sha256:str}", operation_id="inferenceBlob", opt={PUBLIC_ROUTE: True},
-         media_type="application/octet-stream", sync_to_thread=True)
+         media_type="application/octet-stream", sync_to_thread=True, include_in_schema=False)
     def blob(self, sha256: FromPath[str],
              authorization: Annotated[str | None, Parameter(header="Authorization")] = None) -> Response[bytes]:
         """An adapter blob by its SHA-256, for an inference daemon that shares no folder with the API (`Authorization: Bearer <GENOME_INFERENCE_TOKEN>`)."""

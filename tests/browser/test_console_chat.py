@@ -54,7 +54,8 @@ def settings(page: Any, **values: str) -> None:
 
 def cancelled(client: httpx.Client) -> float:
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith('genome_inference_requests_total{reason="cancelled"}'):
+        # The inference daemon's engine figures, labelled with their model.
+        if line.startswith(f'genome_inference_requests_total{{model="{MODEL}",reason="cancelled"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -27,7 +27,7 @@ from servers import Server
 from fixtures.make_adapter import make_adapter_files
 from inference.models import ModelCatalog
 
-BASE = "smollm2-135m-instruct"
+BASE = "tiny"  # the fuzzable server's model: its personas chat on the tiny random Llama
 SEED = 20260101
 PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
@@ -92,8 +92,8 @@ def load_schema(server: Server) -> schemathesis.BaseSchema:
     return schema
 
 
-def adapter_upload(seed: int) -> dict[str, Any]:
-    files = make_adapter_files("peft", seed=seed)
+def adapter_upload(seed: int, models_dir: Path) -> dict[str, Any]:
+    files = make_adapter_files("peft", seed=seed, spec=ModelCatalog(models_dir).get(BASE))
     metadata = {"name": f"layer {seed}", "base_model": BASE, "trait_type": "domain_expertise", "tags": ["math"]}
     return {"files": [("files", (name, data)) for name, data in files.items()], "data": {"metadata": json.dumps(metadata)}}
 
@@ -117,7 +117,8 @@ def seed(seeded: Seeded) -> None:
             created("POST", "/genomes", json={"persona_id": personas[0], "base_model": BASE, "name": name})
             for name in ("main", "spare")
         ]
-        layers = [created("POST", "/layers", **adapter_upload(seed)) for seed in (0, 1)]
+        models_dir = Path(seeded.server.env["GENOME_MODELS_DIR"])
+        layers = [created("POST", "/layers", **adapter_upload(seed, models_dir)) for seed in (0, 1)]
         created("POST", "/genomes/{genome_id}/layers", {"genome_id": genomes[0]}, json={"layer_id": layers[0]})
         # No academy worker runs in this server: sessions stay pending and nothing trains.
         sessions = [created("POST", "/academy/sessions", json={"persona_id": personas[0], "goal": goal})

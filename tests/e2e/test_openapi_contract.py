@@ -156,7 +156,7 @@ def _idempotency_key_reused_across_kinds(seeded: Seeded) -> schemathesis.Case:
 
 def _adapter_parts_without_filenames(seeded: Seeded) -> schemathesis.Case:
     # The adapter files as plain form fields (no filename): the weights are not UTF-8.
-    upload = adapter_upload(seed=2)
+    upload = adapter_upload(2, Path(seeded.server.env["GENOME_MODELS_DIR"]))
     body = {"metadata": upload["data"]["metadata"]} | {name: data for _, (name, data) in upload["files"]}
     return seeded.operation("POST", "/layers").Case(body=body, media_type="multipart/form-data")
 
