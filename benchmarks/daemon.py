@@ -41,6 +41,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks import _harness as harness  # noqa: E402
 from benchmarks.inference import LOOP, models_dir, start_loop  # noqa: E402
+from fixtures.processes import pss_bytes, tree  # noqa: E402
 
 CLI = [sys.executable, "-m", "genome_service.cli", "--quiet"]
 GOALS = {"daemon_ratio": (">=", 0.9)}
@@ -146,32 +147,6 @@ def bench_restart(remote: Any, url: str, headers: dict[str, str], times: int) ->
 # --- serve --workers 3, with and without the daemon -----------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def _tree(pid: int) -> list[int]:
-    return [pid, *(grandchild for child in _children(pid) for grandchild in _tree(child))]
-
-
-def _pss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def bench_memory(root: Path, daemon: bool, workers: int = 3) -> dict[str, Any]:
     import httpx
 
@@ -193,9 +168,9 @@ def bench_memory(root: Path, daemon: bool, workers: int = 3) -> dict[str, Any]:
             answered.add(response.headers["x-genome-process"])
             if len(answered) == workers:
                 break
-        processes = _tree(server.pid)
+        processes = tree(server.pid)
         return {"daemon": daemon, "workers_answered": len(answered), "processes": len(processes),
-                "pss_bytes": sum(_pss(pid) for pid in processes)}
+                "pss_bytes": sum(pss_bytes(pid) for pid in processes)}
     finally:
         server.terminate()
         server.wait(timeout=60)

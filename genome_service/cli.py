@@ -189,8 +189,7 @@ def _embedded_daemon(context: Context, settings: Settings) -> Iterator[None]:
     import secrets
     import socket
     import subprocess
-
-    import httpx
+    import threading
 
     # A fresh token even on loopback: other local users can reach a loopback port too.
     token = secrets.token_urlsafe(32)
@@ -201,20 +200,11 @@ def _embedded_daemon(context: Context, settings: Settings) -> Iterator[None]:
     command = [sys.executable, "-m", "genome_service.cli", "--quiet", "inference", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--parent-pid", str(os.getpid())]
     daemon = subprocess.Popen(command, env={**os.environ, "GENOME_INFERENCE_TOKEN": token, "GENOME_INFERENCE_URL": ""})
+    # The API workers start meanwhile (they reach the daemon only on a first chat, and wait for
+    # its port while it starts); this thread says when it answers, or that it never did.
+    threading.Thread(target=_await_daemon, args=(context, daemon, url, token), name="daemon-start", daemon=True).start()
+    os.environ.update({"GENOME_INFERENCE_URL": url, "GENOME_INFERENCE_TOKEN": token})
     try:
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-        while True:
-            if daemon.poll() is not None:
-                raise UserError(f"the embedded inference daemon exited with code {daemon.returncode} while starting")
-            try:
-                if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {token}"}, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"the embedded inference daemon did not answer on {url} within {DAEMON_START_TIMEOUT_S} s") from None
-            time.sleep(0.05)  # a process starting: nothing to await but its port
-        os.environ.update({"GENOME_INFERENCE_URL": url, "GENOME_INFERENCE_TOKEN": token})
-        context.say(f"inference daemon on {url} (pid {daemon.pid}); models start on first use")
         yield
     finally:
         daemon.terminate()
@@ -222,6 +212,21 @@ def _embedded_daemon(context: Context, settings: Settings) -> Iterator[None]:
             daemon.wait(timeout=15)
         except subprocess.TimeoutExpired:
             daemon.kill()
+
+
+def _await_daemon(context: Context, daemon: subprocess.Popen[bytes], url: str, token: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+    while daemon.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {token}"}, timeout=1).status_code == 200:
+                context.say(f"inference daemon on {url} (pid {daemon.pid}); models start on first use")
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)  # a process starting: nothing to await but its port
+    typer.echo(f"error: the embedded inference daemon did not start on {url} (exit code {daemon.poll()}): chats will "
+               "answer 503 inference_unavailable", err=True)
 
 
 @inference_app.command("serve", epilog="Example: GENOME_INFERENCE_TOKEN=s3cret genome-service inference serve --host 0.0.0.0 --port 8100")
@@ -241,8 +246,8 @@ def inference_serve(
     """
     import uvicorn
 
-    from genome_service.api.auth import is_loopback
     from genome_service.services.backend import daemon_pool
+    from genome_service.settings import is_loopback
     from inference.daemon.app import create_daemon_app
     from inference.models import ModelCatalog
 

@@ -8,7 +8,6 @@ elsewhere whose keys were all revoked refuses keyless requests rather than open 
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -17,6 +16,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from genome_service.services.context import OPEN_OWNER, Caller
 from genome_service.services.keys import KeyStore
+from genome_service.settings import is_loopback
 
 # The console's files are public too: the page asks for a key once the API answers 401.
 PUBLIC_PATHS = ["/health", "/ready", "/metrics", "/schema", "/console"]
@@ -66,15 +66,6 @@ def _raw_key(headers: list[tuple[bytes, bytes]]) -> str | None:
         if name == b"x-api-key":
             return value.decode("latin-1")
     return None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def open_mode_is_safe(host: str, keys: KeyStore) -> bool:

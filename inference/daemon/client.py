@@ -9,6 +9,8 @@ with the daemon's status and rule; a failure after it ends the stream with a Fin
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -21,6 +23,7 @@ from inference.daemon.protocol import StackEntry
 UNKNOWN_TOKEN_ID = -1
 # Time to connect and to hear response headers; the stream itself may take the request's timeout.
 CONNECT_TIMEOUT_S = 10.0
+RECONNECT_S = 0.1
 
 
 class DaemonRefused(RuntimeError):
@@ -69,12 +72,23 @@ class DaemonClient:
 
     async def text(self, path: str) -> bytes:
         try:
-            response = await self.http.get(path, timeout=CONNECT_TIMEOUT_S)
+            response = await self.send(self.http.build_request("GET", path, timeout=CONNECT_TIMEOUT_S))
         except httpx.HTTPError as exc:
             raise DaemonRefused(503, "inference_unavailable", f"the inference daemon at {self.base_url} did not answer: {exc}") from None
         if response.status_code != 200:
             raise _refusal(response.status_code, response.content, self.base_url)
         return response.content
+
+    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        """Send `request`, trying again for up to CONNECT_TIMEOUT_S while nothing listens yet (a daemon starting)."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                return await self.http.send(request, stream=stream)
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(RECONNECT_S)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -111,7 +125,7 @@ class DaemonEngine:
         request = self.client.http.build_request("POST", "/v1/chat/completions", content=msgspec.json.encode(body),
                                                  headers={"Content-Type": "application/json"})
         try:
-            response = await self.client.http.send(request, stream=True)
+            response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise DaemonRefused(503, "inference_unavailable",
                                 f"the inference daemon at {self.client.base_url} did not answer: {exc}") from None

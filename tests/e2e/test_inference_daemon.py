@@ -19,6 +19,7 @@ from test_chat_api import refused, sse
 
 from fixtures.make_adapter import make_adapter_files
 from fixtures.make_model import make_tiny_llama, tiny_spec
+from fixtures.processes import maps_libtorch, pss_bytes, tree
 from inference.models import DEFAULT_MODEL, ModelCatalog, declared_weight_bytes
 
 QUESTION = [{"role": "user", "content": "Tell me a long story about the sea."}]
@@ -50,33 +51,6 @@ def models(server: Server) -> dict[str, dict[str, object]]:
     with server.client() as client:
         stats = client.get("/inference/stats").json()
     return {entry["model"]: entry for entry in stats["models"]}
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def tree(pid: int) -> list[int]:
-    return [pid, *(grandchild for child in children(pid) for grandchild in tree(child))]
-
-
-def maps_libtorch(pid: int) -> bool:
-    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
-
-
-def pss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
 @pytest.fixture(scope="module")

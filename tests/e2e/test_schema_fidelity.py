@@ -36,12 +36,13 @@ from schemathesis import GenerationMode
 from servers import Server
 
 from fixtures.make_adapter import make_adapter_files
+from inference.models import ModelCatalog
 
 MAX_EXAMPLES = int(os.environ.get("FIDELITY_MAX_EXAMPLES", "20"))
-# A real PEFT adapter for the seeded base model; a generated upload that carries its bytes sends them
-# under their own file names (the parser tells the layout by name).
-ADAPTER = make_adapter_files("peft", seed=7)
-ADAPTER_NAMES = {data: name for name, data in ADAPTER.items()}
+# The real PEFT adapter's files (for the seeded base model, made with the server), by their bytes: a
+# generated upload that carries them sends them under their own file names (the parser tells the
+# layout by name).
+ADAPTER_NAMES: dict[bytes, str] = {}
 TEXT = "Ada Lovelace wrote the first published program.".encode()
 # A recipe's steps whose params fit their commands and refer to what exists: a generated definition
 # (random commands, params and expressions) almost never does.
@@ -76,6 +77,8 @@ def supply_real_files(seeded: Seeded) -> None:
     """Half the time an adapter upload carries the real adapter and its metadata names the seeded base
     model; half the time a knowledge upload's files are UTF-8 text, as its schema says they must be;
     half the time a recipe's definition is one that runs, and a run's inputs are the seeded recipe's."""
+    adapter = make_adapter_files("peft", seed=7, spec=ModelCatalog(Path(seeded.server.env["GENOME_MODELS_DIR"])).get(BASE))
+    ADAPTER_NAMES.update({data: name for name, data in adapter.items()})
 
     @seeded.schema.hook
     def flatmap_body(ctx: schemathesis.HookContext, body: Any) -> st.SearchStrategy[Any]:
@@ -89,7 +92,7 @@ def supply_real_files(seeded: Seeded) -> None:
         if label != "POST /layers" or not isinstance(body, dict):
             return st.just(body)
         metadata = body.get("metadata")
-        real = {**body, "files": list(ADAPTER.values())}
+        real = {**body, "files": list(adapter.values())}
         if isinstance(metadata, dict):
             real["metadata"] = {**metadata, "base_model": BASE, "parent_layer_id": None, "embedding": None}
         return st.sampled_from([body, real])
