@@ -138,7 +138,11 @@ def bench_restart(remote: Any, url: str, headers: dict[str, str], times: int) ->
         pid = next(m["pid"] for m in httpx.get(f"{url}/health", headers=headers).json()["models"] if m["state"] == "ready")
         killed = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
-        on_loop(_one(remote, 1))  # waits for the restart: backoff, spawn, model load, answer
+        # Once the daemon has seen the death (a request sent before then is failed as in flight),
+        # the next one waits for the restart: backoff, spawn, model load, answer.
+        while any(m["pid"] == pid for m in httpx.get(f"{url}/health", headers=headers).json()["models"]):
+            time.sleep(0.01)
+        on_loop(_one(remote, 1))
         seconds.append(time.perf_counter() - killed)
         harness.log(f"restart: {seconds[-1]:.2f} s")
     return seconds
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         token = secrets.token_urlsafe(16)
         headers = {"Authorization": f"Bearer {token}"}
         port = free_port()
-        daemon = subprocess.Popen([*CLI, "inference", "serve", "--port", str(port)], stderr=subprocess.DEVNULL,
+        daemon = subprocess.Popen([*CLI, "inference", "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   env=env_for(root / "daemon", GENOME_INFERENCE_TOKEN=token))
         url = f"http://127.0.0.1:{port}"
         try:

@@ -164,44 +164,50 @@ def _chunk(completion_id: str, model: str, created: int, delta: dict[str, str], 
     return b"data: " + msgspec.json.encode(body) + b"\n\n"
 
 
-async def _chunks(model: str, served: Served, events: AsyncIterator[Token | Finish], include_usage: bool) -> AsyncIterator[bytes]:
+async def _chunks(model: str, served: Served, events: AsyncIterator[list[Token | Finish]],
+                  include_usage: bool) -> AsyncIterator[bytes]:
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     try:
         yield _chunk(completion_id, model, created, {"role": "assistant", "content": ""}, None)
-        async for event in events:
-            if isinstance(event, Token):
-                yield _chunk(completion_id, model, created, {"content": event.text}, None)
-                continue
-            if event.reason in _OPENAI_REASONS:
-                yield _chunk(completion_id, model, created, {}, _OPENAI_REASONS[event.reason],
-                             genome_finish_reason=event.reason, genome_worker_pid=served.pid)
-                if include_usage:
-                    usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                             "total_tokens": event.prompt_tokens + event.completion_tokens}
-                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": usage}
-                    yield b"data: " + msgspec.json.encode(body) + b"\n\n"
-                yield b"data: [DONE]\n\n"
-            else:
-                rule = event.rule or ("generation_cancelled" if event.reason == "cancelled" else "generation_failed")
-                body = {"type": PROBLEM_BASE + rule, "title": rule.replace("_", " "), "status": 503, "rule": rule,
-                        "detail": event.error or event.reason, "genome_worker_pid": served.pid}
-                yield b"event: error\ndata: " + msgspec.json.encode(body) + b"\n\n"
-            return
+        async for ready in events:
+            # One write for the tokens that came together (a batch step gives several).
+            out = [_chunk(completion_id, model, created, {"content": e.text}, None) for e in ready if isinstance(e, Token)]
+            finish = ready[-1]
+            if isinstance(finish, Finish):
+                out.append(_ending(completion_id, model, created, served, finish, include_usage))
+            yield b"".join(out)
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 
 
-async def _whole(model: str, served: Served, events: AsyncIterator[Token | Finish], headers: dict[str, str]) -> Response[Any]:
+def _ending(completion_id: str, model: str, created: int, served: Served, event: Finish, include_usage: bool) -> bytes:
+    """The finishing chunk, the usage chunk if asked and `[DONE]`; or an `error` event with the problem."""
+    if event.reason not in _OPENAI_REASONS:
+        rule = event.rule or ("generation_cancelled" if event.reason == "cancelled" else "generation_failed")
+        body = {"type": PROBLEM_BASE + rule, "title": rule.replace("_", " "), "status": 503, "rule": rule,
+                "detail": event.error or event.reason, "genome_worker_pid": served.pid}
+        return b"event: error\ndata: " + msgspec.json.encode(body) + b"\n\n"
+    out = _chunk(completion_id, model, created, {}, _OPENAI_REASONS[event.reason],
+                 genome_finish_reason=event.reason, genome_worker_pid=served.pid)
+    if include_usage:
+        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                 "total_tokens": event.prompt_tokens + event.completion_tokens}
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": usage}
+        out += b"data: " + msgspec.json.encode(body) + b"\n\n"
+    return out + b"data: [DONE]\n\n"
+
+
+async def _whole(model: str, served: Served, events: AsyncIterator[list[Token | Finish]], headers: dict[str, str]) -> Response[Any]:
     parts: list[str] = []
     try:
-        async for event in events:
-            if isinstance(event, Token):
-                parts.append(event.text)
+        async for ready in events:
+            parts += [event.text for event in ready if isinstance(event, Token)]
+            event = ready[-1]
+            if not isinstance(event, Finish):
                 continue
             if event.reason not in _OPENAI_REASONS:
-                rule = event.rule or "generation_failed"
-                failed = problem(503, rule, event.error or event.reason)
+                failed = problem(503, event.rule or "generation_failed", event.error or event.reason)
                 failed.headers.update(headers)
                 return failed
             body = {

@@ -48,6 +48,7 @@ from inference.daemon.protocol import (
     Ready,
     Refused,
     TokenOut,
+    Tokens,
     decode_from_worker,
     encode,
 )
@@ -168,10 +169,12 @@ class ModelPool:
 
     # --- requests ----------------------------------------------------------------------
 
-    async def generate(self, model: str, request: Generate) -> tuple[Served, AsyncIterator[Token | Finish]]:
+    async def generate(self, model: str, request: Generate) -> tuple[Served, AsyncIterator[list[Token | Finish]]]:
         """Route `request` (its id is replaced) to `model`'s worker; raise `ModelRefused` before any token.
 
-        The iterator yields Tokens, then one Finish whose `rule` says why it failed, if it did.
+        The iterator yields the events that have come since the last step (at least one):
+        Tokens, then one Finish whose `rule` says why it failed, if it did. Taking what is
+        there, not one at a time, lets a stream write one chunk of several tokens.
         """
         worker = await self._acquire(model)
         flight = _Flight(next(self._ids), asyncio.Queue(), asyncio.get_running_loop().time() + request.timeout
@@ -185,16 +188,18 @@ class ModelPool:
             raise ModelRefused(first.status, first.rule, first.detail)
         return Served(worker.pid or 0), self._events(worker, flight, first)
 
-    async def _events(self, worker: _Worker, flight: _Flight, first: Token | Finish) -> AsyncIterator[Token | Finish]:
-        event: Token | Finish | Refused = first
+    async def _events(self, worker: _Worker, flight: _Flight, first: Token | Finish) -> AsyncIterator[list[Token | Finish]]:
+        ready: list[Token | Finish | Refused] = [first]
         try:
             while True:
-                if isinstance(event, Refused):  # only ever first, handled in `generate`
+                while not flight.events.empty():
+                    ready.append(flight.events.get_nowait())
+                if any(isinstance(event, Refused) for event in ready):  # only ever first, handled in `generate`
                     raise AssertionError("a refusal after the first event")
-                yield event
-                if isinstance(event, Finish):
+                yield ready  # type: ignore[misc]
+                if isinstance(ready[-1], Finish):
                     return
-                event = await flight.events.get()
+                ready = [await flight.events.get()]
         finally:
             if worker.flights.pop(flight.id, None) is not None and worker.state == "ready":
                 worker.outbox.put(encode(Cancel(flight.id)))  # the caller went away mid-answer
@@ -323,10 +328,11 @@ class ModelPool:
     def _message(self, worker: _Worker, generation: int, message: msgspec.Struct) -> None:
         if generation != worker.generation:
             return
-        if isinstance(message, TokenOut):
-            flight = worker.flights.get(message.id)
-            if flight is not None:
-                flight.events.put_nowait(Token(message.text, message.token_id))
+        if isinstance(message, TokenOut | Tokens):
+            for token in message.items if isinstance(message, Tokens) else [message]:
+                flight = worker.flights.get(token.id)
+                if flight is not None:
+                    flight.events.put_nowait(Token(token.text, token.token_id))
         elif isinstance(message, Ended):
             flight = worker.flights.get(message.id)
             if flight is not None:

@@ -61,6 +61,12 @@ class TokenOut(msgspec.Struct, frozen=True, tag=True):
     token_id: int
 
 
+class Tokens(msgspec.Struct, frozen=True, tag=True):
+    """Tokens of several requests (or several of one) that came in one turn of the worker's loop."""
+
+    items: list[TokenOut]
+
+
 class Ended(msgspec.Struct, frozen=True, tag=True):
     id: int
     reason: str
@@ -86,7 +92,7 @@ class FiguresReply(msgspec.Struct, frozen=True, tag=True):
     metrics: str  # the engine's Prometheus text exposition
 
 
-FromWorker = Ready | Failed | TokenOut | Ended | Refused | FiguresReply
+FromWorker = Ready | Failed | TokenOut | Tokens | Ended | Refused | FiguresReply
 
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)

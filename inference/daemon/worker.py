@@ -30,6 +30,7 @@ from inference.daemon.protocol import (
     Ready,
     Refused,
     TokenOut,
+    Tokens,
     decode_to_worker,
     encode,
 )
@@ -92,6 +93,10 @@ class _Worker:
         self.stacks = stacks
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.closed = asyncio.Event()
+        # Tokens wait for the end of the loop's turn and go as one message: with a batch of
+        # rows each step makes one token per row, and a pipe write per token costs the daemon
+        # a wake-up per token.
+        self.tokens: list[TokenOut] = []
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +116,16 @@ class _Worker:
                 loop.call_soon_threadsafe(self.closed.set)
                 return
             loop.call_soon_threadsafe(self._dispatch, message)
+
+    def _token(self, token: TokenOut) -> None:
+        if not self.tokens:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.tokens.append(token)
+
+    def _flush(self) -> None:
+        tokens, self.tokens = self.tokens, []
+        if tokens:
+            self._send(tokens[0] if len(tokens) == 1 else Tokens(tokens))
 
     def _send(self, message: msgspec.Struct) -> None:
         try:
@@ -159,14 +174,15 @@ class _Worker:
         try:
             async for event in events:
                 if isinstance(event, Token):
-                    self._send(TokenOut(request.id, event.text, event.token_id))
+                    self._token(TokenOut(request.id, event.text, event.token_id))
                 else:
-                    self._send(_ended(request.id, event, request.timeout))
+                    self._flush()  # its tokens before its end
+                    self._send(_ended(request.id, event))
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
 
-def _ended(request_id: int, finish: Finish, timeout: float) -> Ended:
+def _ended(request_id: int, finish: Finish) -> Ended:
     rule = None
     if finish.reason == "error":
         rule = "generation_timed_out" if finish.error and "timed out" in finish.error else "generation_failed"
