@@ -19,6 +19,7 @@ import typer
 from genome_service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    import subprocess
     import threading
 
     from genome_service.services.bootstrap import Services
