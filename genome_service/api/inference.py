@@ -6,7 +6,7 @@ from typing import Annotated
 
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, HeaderParameter
 
 from genome_service.api.auth import PUBLIC_ROUTE
 from genome_service.chat.runtime import ChatRuntime, InferenceStats
@@ -27,7 +27,6 @@ class InferenceController(Controller):
     # presents its own token.
     @get("/inference/blobs/{sha256:str}", operation_id="inferenceBlob", opt={PUBLIC_ROUTE: True},
          media_type="application/octet-stream", sync_to_thread=True, include_in_schema=False)
-    def blob(self, sha256: FromPath[str],
-             authorization: Annotated[str | None, Parameter(header="Authorization")] = None) -> Response[bytes]:
+    def blob(self, sha256: FromPath[str], authorization: Annotated[str | None, HeaderParameter(name="Authorization")] = None) -> Response[bytes]:
         """An adapter blob by its SHA-256, for an inference daemon that shares no folder with the API (`Authorization: Bearer <GENOME_INFERENCE_TOKEN>`)."""
         return Response(blob_for_daemon(self.runtime.services, authorization, sha256), media_type="application/octet-stream")
