@@ -225,7 +225,8 @@ def _await_daemon(context: Context, daemon: subprocess.Popen[bytes], url: str, t
                 context.say(f"inference daemon on {url} (pid {daemon.pid}); models start on first use")
                 return
         except httpx.HTTPError:
-            time.sleep(0.1)  # a process starting: nothing to await but its port
+            pass
+        time.sleep(0.1)  # a process starting: nothing to await but its port
     typer.echo(f"error: the embedded inference daemon did not start on {url} (exit code {daemon.poll()}): chats will "
                "answer 503 inference_unavailable", err=True)
 

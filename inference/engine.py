@@ -397,7 +397,7 @@ class Engine:
             self.metrics.rate.observe(finish.completion_tokens / seconds)
 
     def _timed_out(self, limit: float) -> Finish:
-        finish = Finish("error", 0, 0, f"request timed out after {limit:g} s")
+        finish = Finish("error", 0, 0, f"request timed out after {limit:g} s", rule="generation_timed_out")
         self.metrics.finished.labels("error").inc()
         return finish
 

@@ -99,7 +99,6 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
     except QueueFull as error:
         raise ChatRefused(429, "inference_busy", str(error)) from None
     parts: list[str] = []
-    started = asyncio.get_running_loop().time()
     async with aclosing(events) as stream:  # closing it is what cancels generation
         try:
             async for event in stream:
@@ -107,12 +106,12 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
                     parts.append(event.text)
                     yield event
                     continue
-                yield await _finish(services, prepared, "".join(parts), event, metadata, started)
+                yield await _finish(services, prepared, "".join(parts), event, metadata)
         except DaemonRefused as error:  # raised before the first token, as every refusal is
             raise ChatRefused(error.status, error.rule, str(error)) from None
 
 
-async def _finish(services: Services, prepared: _Prepared, content: str, finish: Finish, metadata: EventMetadata, started: float) -> Reply:
+async def _finish(services: Services, prepared: _Prepared, content: str, finish: Finish, metadata: EventMetadata) -> Reply:
     request, sampling = prepared.request, prepared.sampling
     generation = Generation(
         model=prepared.loaded.model,
@@ -123,9 +122,8 @@ async def _finish(services: Services, prepared: _Prepared, content: str, finish:
         citations=tuple(Citation(p.id, round(p.score, 6)) for p in prepared.prompt.passages),
     )
     if finish.reason not in CLEAN_ENDS:
-        elapsed = asyncio.get_running_loop().time() - started
-        timed_out = elapsed >= prepared.loaded.engine.timeout
-        rule = finish.rule or ("generation_timed_out" if timed_out else "generation_failed")
+        # The engine (and the daemon) name a timeout's rule; any other failure is a failed generation.
+        rule = finish.rule or "generation_failed"
         return Reply(prepared.conversation_id, content, generation, ChatRefused(503, rule, finish.error or finish.reason),
                      finish.worker_pid)
     command = RecordTurn(prepared.conversation_id, request.persona_id, request.owner, request.messages,

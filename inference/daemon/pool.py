@@ -116,7 +116,6 @@ class _Worker:
     source: ModelSource
     state: State = "stopped"
     process: multiprocessing.process.BaseProcess | None = None
-    connection: Connection | None = None
     outbox: queue.SimpleQueue[bytes | None] = field(default_factory=queue.SimpleQueue)
     pid: int | None = None
     ready: asyncio.Future[None] | None = None
@@ -289,7 +288,7 @@ class ModelPool:
                                         name=f"genome-model-{worker.model}", daemon=True)
         process.start()
         theirs.close()
-        worker.process, worker.connection, worker.pid = process, ours, process.pid
+        worker.process, worker.pid = process, process.pid
         worker.state, worker.stopping, worker.load_failed = "starting", False, False
         worker.generation += 1
         worker.ready = loop.create_future()

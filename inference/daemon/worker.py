@@ -183,9 +183,7 @@ class _Worker:
 
 
 def _ended(request_id: int, finish: Finish) -> Ended:
-    rule = None
-    if finish.reason == "error":
-        rule = "generation_timed_out" if finish.error and "timed out" in finish.error else "generation_failed"
+    rule = finish.rule or ("generation_failed" if finish.reason == "error" else None)
     return Ended(request_id, finish.reason, finish.prompt_tokens, finish.completion_tokens, finish.error, rule)
 
 
