@@ -415,13 +415,16 @@ class Engine:
         finish: Finish | None = None
         try:
             for event in self.backend.generate(request.messages, request.stack, request.sampling, request.cancel.is_set):
-                request.deliver([event])
                 if isinstance(event, Finish):
                     finish = event
+                else:
+                    request.deliver([event])
         except Exception as exc:  # noqa: BLE001 - a backend failure ends this request, not the engine
             finish = _failed(exc)
-            request.deliver([finish])
-        self._ended(request, finish or Finish("error", 0, 0, "the backend ended without a Finish"))
+        finish = finish or Finish("error", 0, 0, "the backend ended without a Finish")
+        # Counted before it is delivered: a caller holding its answer sees it in the metrics.
+        self._ended(request, finish)
+        request.deliver([finish])
 
     # --- batching: one scheduler thread ----------------------------------------------------
 
@@ -475,8 +478,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a misfit stack or bad prompt ends this request only
             row = _failed(exc)
         if isinstance(row, Finish):
-            request.deliver([row])
             self._ended(request, row)
+            request.deliver([row])
         else:
             rows.held = _Slot(request, row)
 
@@ -534,9 +537,9 @@ class Engine:
         try:
             batch.remove(slot.row)
         finally:
+            self._ended(slot.request, finish)
             if not slot.request.timed_out:
                 slot.request.deliver([finish])
-            self._ended(slot.request, finish)
 
     def _observe(self, batch: DecodeBatch, rows: _Rows) -> None:
         figures = self._figures
