@@ -139,6 +139,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # `genome-service academy worker` processes run them; "auto": embedded on the embedded
     # (SQLite) database, off on PostgreSQL, where workers are processes of their own.
     academy_worker: Literal["auto", "embedded", "off"] = "auto"
+    # A trained layer is attached to its persona only if it improved the task score by at least
+    # this much (a fraction, 0..1), or, for data without a task score, cut the held-out loss by
+    # this fraction of its value before training. A session may turn the rule off.
+    academy_attach_margin: float = 0.02
+    # Training files (`/v1/files`): the largest upload, in bytes.
+    files_max_bytes: int = 8_388_608
     # Recipes (``genome_service/recipes/``): seconds before a failed step's second try; each
     # further try waits twice as long as the one before. Runs are run by the academy workers.
     recipe_retry_backoff_seconds: float = 1.0
@@ -184,6 +190,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_ACADEMY_CHALLENGES and _CHECKPOINT_EVERY must be >= 1; _KEEP_SCORE within 0..100")
         if not 0 < self.academy_learning_rate < 1:
             raise ValueError("GENOME_ACADEMY_LEARNING_RATE must be within (0, 1)")
+        if not 0 <= self.academy_attach_margin < 1 or self.files_max_bytes < 1:
+            raise ValueError("GENOME_ACADEMY_ATTACH_MARGIN must be within [0, 1); GENOME_FILES_MAX_BYTES >= 1")
         if not 0 <= self.recipe_retry_backoff_seconds <= 3600:
             raise ValueError("GENOME_RECIPE_RETRY_BACKOFF_SECONDS must be within 0..3600")
 

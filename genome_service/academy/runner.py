@@ -12,15 +12,18 @@ session being cancelled, or of `stopping` being set (the session then stays runn
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
+from genome_service.academy import distill
 from genome_service.academy.analysis import Analysis
 from genome_service.academy.judge import Judgement, complete, judge
 from genome_service.domain.academy import (
@@ -30,13 +33,18 @@ from genome_service.domain.academy import (
     AcademySession,
     Challenge,
     ChangeSessionStatus,
+    DataSet,
+    DataSource,
+    DecideAttach,
     Difficulty,
     ExampleKept,
     ExampleMessage,
     KeepExample,
     MakePlan,
     PlanTask,
+    PrepareData,
     RecordChallenge,
+    RecordEvaluation,
     RecordLayerProduced,
     RecordLayerReused,
     RecordTrainingProgress,
@@ -50,17 +58,33 @@ from genome_service.domain.genome import GENOME, AttachLayer, LayerFacts
 from genome_service.domain.layer import LAYER, RecordTrainingMetrics, TraitType, TrainingMetrics
 from genome_service.eventstore.records import EventMetadata
 from genome_service.services.academy_sessions import AcademySessions
+from genome_service.services.blobs import shred
 from genome_service.services.bootstrap import Services
 from genome_service.services.genomes import Genomes
+from genome_service.services.knowledge import persona_texts
 from genome_service.services.layers import LayerDetails, register_layer
 from genome_service.services.stacks import StackResolver
+from genome_service.services.training_files import file_dataset
 from genome_service.settings import Settings
 from inference.backends.base import Backend, ChatMessage, Sampling, never_cancelled
-from inference.training import Example, TrainingConfig, data_sha256, train_lora
+from inference.training import Evaluation, Example, TrainingConfig, data_sha256, train_lora
 from inference.training.mlx import train_lora_mlx
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 log = logging.getLogger("genome_service.academy")
+# Without a validation set of its own, every SPLIT_EVERY-th example is held out.
+SPLIT_EVERY = 5
+
+
+class TaskData(NamedTuple):
+    """What one training task learns from and is judged on."""
+
+    examples: list[Example]
+    validation: list[Example]
+    facts: list[distill.Fact]  # knowledge: what the task score asks for (empty: no task score)
+    system: str
+
+
 class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     challenges_per_task: int = 12
     keep_score: float = 50.0  # examples scored below this are not trained on
@@ -73,6 +97,9 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     layer_weight: float = 1.0
     training: TrainingConfig = TrainingConfig(learning_rate=1e-3, warmup_steps=2)
     cancel_poll_seconds: float = 0.5
+    attach_margin: float = 0.02  # the improvement a layer must show to be attached
+    score_tokens: int = 24  # greedy tokens of each answer the task score reads
+    scored_facts: int = 64  # the task score asks at most this many facts
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunnerSettings:
@@ -80,6 +107,7 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
             challenges_per_task=settings.academy_challenges,
             keep_score=settings.academy_keep_score,
             checkpoint_every=settings.academy_checkpoint_every,
+            attach_margin=settings.academy_attach_margin,
             training=TrainingConfig(learning_rate=settings.academy_learning_rate, warmup_steps=2,
                                     device=settings.inference_device),
         )
@@ -119,7 +147,10 @@ class Runner:
             self._check_model(state)
             state = self._plan(self._state(session_id))
             for task in state.tasks or ():
-                if task.task_id not in dict(state.finished_tasks):
+                # A task whose layer was produced but not yet judged (a crash came between) runs
+                # again: training resumes at its last checkpoint and goes straight to the result.
+                unjudged = task.action is not TaskAction.USE and state.decision(task.task_id) is None
+                if task.task_id not in dict(state.finished_tasks) or unjudged:
                     self._run_task(session_id, task)
             self._execute(session_id, ChangeSessionStatus(SessionStatus.COMPLETED))
         except (SessionCancelled, RunStopped):
@@ -134,6 +165,10 @@ class Runner:
         return self._state(session_id)
 
     def _check_model(self, state: AcademySession) -> None:
+        if not state.persona_id:
+            if state.data.base_model != self.model_name:
+                raise RuntimeError(f"the session trains on {state.data.base_model!r}; this worker runs {self.model_name!r}")
+            return
         genome = self.genomes.of_persona(state.persona_id)
         if genome is None:
             raise RuntimeError(f"persona {state.persona_id} has no genome to train a layer for")
@@ -218,6 +253,11 @@ class Runner:
         """One task per need of the goal; needs that come to the same decision share a task."""
         if state.tasks is not None:
             return state
+        if state.data.sources != (DataSource.CHALLENGES,):
+            # Data given (a file, the knowledge): one layer learns all of it.
+            trait = TraitType.DOMAIN_EXPERTISE if DataSource.KNOWLEDGE in state.data.sources else TraitType.GENERAL_REASONING
+            self._execute(state.session_id, MakePlan((PlanTask("t1", trait, TaskAction.TRAIN, need=state.goal),)))
+            return self._state(state.session_id)
         tasks: dict[tuple[object, ...], PlanTask] = {}
         # Needs given when the session was started (a recipe's) are planned as they are.
         needs = state.needs or goal_needs(state.goal, min(MAX_NEEDS, state.budget_steps))
@@ -247,12 +287,60 @@ class Runner:
             self._execute(session_id, RecordLayerReused(task.task_id, task.layer_id, self.settings.layer_weight))
             self._attach(state, task.layer_id)
             return
-        self._curate(session_id, task)
-        examples = self._examples(session_id, task.task_id)
-        if not examples:
+        if DataSource.CHALLENGES in state.data.sources:
+            self._curate(session_id, task)
+        data = self._data(session_id, task)
+        layer_id = self._train(session_id, task, data)
+        self._decide(session_id, task, layer_id)
+
+    # --- the data --------------------------------------------------------------------------
+
+    def _data(self, session_id: str, task: PlanTask) -> TaskData:
+        """The task's examples from each source, and its held-out set; recorded (with their digests) once."""
+        state = self._state(session_id)
+        system = self._system(state)
+        trained: list[tuple[DataSource, Example]] = []
+        held: list[tuple[DataSource, Example]] = []
+        facts: list[distill.Fact] = []
+        validation = ""
+        sources = state.data.sources
+        if DataSource.EXAMPLES in sources:
+            assert state.data.training_file_id is not None
+            trained += [(DataSource.EXAMPLES, e) for e in self._file(state, state.data.training_file_id)]
+            if state.data.validation_file_id is not None:
+                held += [(DataSource.EXAMPLES, e) for e in self._file(state, state.data.validation_file_id)]
+                validation = "validation_file"
+        if DataSource.KNOWLEDGE in sources:
+            facts = distill.facts(persona_texts(self.services, state.persona_id))
+            if not facts:
+                raise RuntimeError(f"persona {state.persona_id}'s knowledge holds no sentence to learn "
+                                   "(add knowledge documents first)")
+            trained += [(DataSource.KNOWLEDGE, e) for e in distill.training_examples(facts, system)]
+            held += [(DataSource.KNOWLEDGE, e) for e in distill.heldout_examples(facts, system)]
+            validation = validation or "heldout_form"
+        if DataSource.CHALLENGES in sources:
+            trained += [(DataSource.CHALLENGES, e) for e in self._examples(session_id, task.task_id)]
+        if not trained:
             raise RuntimeError(f"no answer scored at least {self.settings.keep_score}: nothing to train on")
-        layer_id = self._train(session_id, task, examples)
-        self._attach(self._state(session_id), layer_id)
+        if not held:
+            held, trained, validation = _split(trained)
+        examples, heldout = [e for _, e in trained], [e for _, e in held]
+        if task.task_id not in state.prepared:
+            sets = tuple(DataSet(source, data_sha256([e for s, e in trained if s is source]),
+                                 sum(s is source for s, _ in trained), sum(s is source for s, _ in held))
+                         for source in sources)
+            self._execute(session_id, PrepareData(task.task_id, sets, validation, data_sha256(heldout)))
+        return TaskData(examples, heldout, facts[: self.settings.scored_facts], system)
+
+    def _file(self, state: AcademySession, file_id: str) -> list[Example]:
+        lines = file_dataset(self.services, state.owner, file_id).examples
+        return [Example(tuple(ChatMessage(t.role, t.content) for t in line.messages)) for line in lines]
+
+    def _system(self, state: AcademySession) -> str:
+        if not state.persona_id:
+            return DEFAULT_SYSTEM
+        system, _ = self.stacks.persona(state.persona_id)
+        return system.strip() or DEFAULT_SYSTEM
 
     def _curate(self, session_id: str, task: PlanTask) -> None:
         """Challenges, the persona's answers, the judge's scores and the kept examples, each once."""
@@ -318,11 +406,11 @@ class Runner:
 
     # --- training and the layer -------------------------------------------------------------
 
-    def _train(self, session_id: str, task: PlanTask, examples: list[Example]) -> str:
+    def _train(self, session_id: str, task: PlanTask, data: TaskData) -> str:
         state = self._state(session_id)
-        base = self.settings.training
-        steps = self._steps(state, task)
-        config = msgspec.structs.replace(base, steps=steps, warmup_steps=min(base.warmup_steps, steps - 1))
+        examples = data.examples
+        config = self._config(state, task, len(examples))
+        steps = config.steps
         # The budget holds for the whole session: earlier tasks and runs cut short by a crash
         # count with what their last checkpoint recorded (steps after it run again, and count again).
         spent, started = state.training_seconds, time.monotonic()
@@ -336,6 +424,15 @@ class Runner:
             if seconds() > state.budget_seconds:
                 raise RuntimeError(f"the time budget of {state.budget_seconds:g} s ran out during training")
             return check_cancel()
+
+        recorded = state.evaluation(task.task_id, 0, "before") is not None
+        scores = () if recorded else self._scores(state, task, data, self._persona_layers(state), cancelled)
+
+        def evaluated(evaluation: Evaluation) -> None:
+            # The last step's evaluation waits for the layer: the task score is measured with it.
+            if evaluation.step < steps:
+                phase = "before" if evaluation.step == 0 else "checkpoint"
+                self._record_evaluation(session_id, task, phase, evaluation, *(scores if phase == "before" else ()))
 
         def checkpointed(step: int, _: Path) -> None:
             # Recorded only now, with its checkpoint on disk: a recorded step never runs again.
@@ -356,6 +453,8 @@ class Runner:
             on_progress=lambda p: marks.__setitem__(p.step, (p.loss, p.learning_rate)),
             on_checkpoint=checkpointed,
             cancelled=cancelled,
+            validation=data.validation,
+            on_evaluation=evaluated,
         )
         digest = data_sha256(examples)
         metrics = TrainingMetrics(loss=round(result.losses[-1], 6), epochs=None, steps=result.steps)
@@ -369,14 +468,101 @@ class Runner:
         )
         # Keyed: a run resumed after registering finds the same layer instead of a twin.
         key = f"academy:{session_id}:{task.task_id}:layer"
+        # Weights trained on a persona's knowledge carry it: they share that personal data's fate.
+        personal = state.persona_id if DataSource.KNOWLEDGE in state.data.sources else None
         outcome = register_layer(self.services, state.owner, details, result.files,
-                                 EventMetadata(actor="academy", idempotency_key=key))
+                                 EventMetadata(actor="academy", idempotency_key=key), personal_of=personal)
         layer_id = outcome.aggregate.stream_id
         self.services.commands.execute(LAYER, layer_id, RecordTrainingMetrics(metrics))
         if task.task_id not in dict(self._state(session_id).finished_tasks):
             self._execute(session_id, RecordLayerProduced(task.task_id, layer_id, self.settings.layer_weight, digest,
                                                           metrics, details.parent_layer_id))
+        final = result.evaluations[-1]
+        if self._state(session_id).evaluation(task.task_id, steps, "after") is None:
+            layers = [*self._persona_layers(state), (layer_id, self.settings.layer_weight)]
+            after = self._scores(state, task, data, layers, cancelled)
+            self._record_evaluation(session_id, task, "after", final, *after)
         return layer_id
+
+    def _config(self, state: AcademySession, task: PlanTask, examples: int) -> TrainingConfig:
+        """The trainer's settings: the runner's, with the session's hyperparameters and its share of the budget."""
+        base, wanted = self.settings.training, state.data.hyperparameters
+        batch = wanted.batch_size or base.batch_size
+        steps = self._steps(state, task)
+        if wanted.n_epochs is not None:
+            steps = min(steps, max(1, math.ceil(wanted.n_epochs * examples / batch)))
+        return msgspec.structs.replace(
+            base, steps=steps, warmup_steps=min(base.warmup_steps, steps - 1), batch_size=batch,
+            learning_rate=base.learning_rate * (wanted.learning_rate_multiplier or 1.0),
+            seed=base.seed if state.data.seed is None else state.data.seed,
+        )
+
+    def _persona_layers(self, state: AcademySession) -> list[tuple[str, float]]:
+        return list(self.stacks.persona(state.persona_id)[1]) if state.persona_id else []
+
+    def _scores(self, state: AcademySession, task: PlanTask, data: TaskData, layers: Sequence[tuple[str, float]],
+                cancelled: Callable[[], bool]) -> tuple[float, float] | tuple[()]:
+        """(task score, held-out task score) with `layers`: greedy closed-book recall of the facts
+        asked as trained and in the held-out form; () without facts."""
+        if not data.facts:
+            return ()
+        stack = self.stacks.stack(layers)
+        sampling = Sampling(temperature=0.0, max_tokens=self.settings.score_tokens)
+
+        def recall(form: distill.ClozeForm) -> float:
+            hits = 0
+            for fact in data.facts:
+                ask = form.ask.format(prompt=fact.prompt, answer="")
+                messages = [ChatMessage("system", data.system), ChatMessage("user", ask)]
+                hits += distill.recalled(complete(self.backend, messages, sampling, stack, cancelled), fact)
+            return round(hits / len(data.facts), 6)
+
+        return recall(distill.TRAINED_FORMS[0]), recall(distill.HELDOUT_FORM)
+
+    def _record_evaluation(self, session_id: str, task: PlanTask, phase: str, evaluation: Evaluation,
+                           task_score: float | None = None, heldout_task_score: float | None = None) -> None:
+        if self._state(session_id).evaluation(task.task_id, evaluation.step, phase) is None:
+            self._execute(session_id, RecordEvaluation(
+                task.task_id, evaluation.step, phase, round(evaluation.loss, 6), round(evaluation.token_accuracy, 6),
+                task_score, heldout_task_score))
+
+    def _decide(self, session_id: str, task: PlanTask, layer_id: str) -> None:
+        """Attach the layer if it improved the persona (or the session said to attach regardless);
+        the decision and its reason are recorded either way, once."""
+        state = self._state(session_id)
+        decided = state.decision(task.task_id)
+        if decided is None:
+            attached, reason = self._verdict(state, task)
+            self._execute(session_id, DecideAttach(task.task_id, layer_id, attached, reason))
+            decided = self._state(session_id).decision(task.task_id)
+            assert decided is not None
+        if decided.attached:
+            self._attach(state, layer_id)
+        # The task is done for good: its checkpoints (weights and optimizer state) serve no resume now.
+        checkpoints = self._checkpoints(session_id, task.task_id)
+        if checkpoints.exists():
+            shred(checkpoints)
+
+    def _verdict(self, state: AcademySession, task: PlanTask) -> tuple[bool, str]:
+        if not state.persona_id:
+            return False, "no persona: the layer is registered for its base model and attached to none"
+        if not state.data.attach_if_improved:
+            return True, "attach_if_improved is off: attached without comparing"
+        steps = state.last_step(task.task_id)
+        before = state.evaluation(task.task_id, 0, "before")
+        after = next((e for e in reversed(state.evaluations) if e.task_id == task.task_id and e.phase == "after"), None)
+        if before is None or after is None:
+            return False, f"no evaluation before and after training (step {steps}): not attached"
+        margin = self.settings.attach_margin
+        if before.task_score is not None and after.task_score is not None:
+            gain = after.task_score - before.task_score
+            verdict = "attached" if gain >= margin else "not attached"
+            return gain >= margin, (f"{verdict}: the task score went from {before.task_score:.3f} to {after.task_score:.3f} "
+                                    f"({gain:+.3f}; the margin is {margin:g})")
+        drop = (before.valid_loss - after.valid_loss) / before.valid_loss if before.valid_loss > 0 else 0.0
+        verdict = "attached" if drop >= margin else "not attached"
+        return drop >= margin, (f"{verdict}: the held-out loss went from {before.valid_loss:.4f} to {after.valid_loss:.4f} "
+                                f"({-drop:+.1%}; the margin is a {margin:.0%} drop)")
 
     @staticmethod
     def _steps(state: AcademySession, task: PlanTask) -> int:
@@ -399,3 +585,12 @@ class Runner:
                                            self.settings.layer_weight)
         )
 
+
+
+def _split(examples: list[tuple[DataSource, Example]]) -> tuple[list, list, str]:
+    """(held out, trained, how): every SPLIT_EVERY-th example set aside (the last one at least);
+    a single example is both, and the record says it was not held out."""
+    if len(examples) < 2:
+        return list(examples), list(examples), "training_data"
+    held = [i for i in range(len(examples)) if i % SPLIT_EVERY == SPLIT_EVERY - 1] or [len(examples) - 1]
+    return [examples[i] for i in held], [e for i, e in enumerate(examples) if i not in held], "split"

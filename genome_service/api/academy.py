@@ -19,7 +19,15 @@ from litestar.status_codes import HTTP_201_CREATED
 from genome_service.academy.shared_engine import SharedEngine
 from genome_service.api.conventions import created, sse_messages, with_etag
 from genome_service.api.openapi import SSE, document_json_or_sse
-from genome_service.domain.academy import MAX_BUDGET_SECONDS, MAX_BUDGET_STEPS, Difficulty, SessionStatus
+from genome_service.domain.academy import (
+    MAX_BUDGET_SECONDS,
+    MAX_BUDGET_STEPS,
+    DataSource,
+    Difficulty,
+    Hyperparameters,
+    SessionStatus,
+    TrainingData,
+)
 from genome_service.domain.layer import TraitType
 from genome_service.services.academy_sessions import AcademySessions, Session
 from genome_service.services.context import Caller, Command
@@ -32,6 +40,15 @@ class SessionCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     target_similarity: float = 0.95
     budget_steps: Annotated[int, msgspec.Meta(ge=1, le=MAX_BUDGET_STEPS)] = 100
     budget_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_BUDGET_SECONDS)] = 3600.0
+    # What the layer learns from: the challenge loop, the persona's knowledge, a training file.
+    sources: list[DataSource] = msgspec.field(default_factory=lambda: [DataSource.CHALLENGES])
+    training_file_id: str | None = None
+    validation_file_id: str | None = None
+    # Attach the layer only if the held-out evaluation says it improved the persona.
+    attach_if_improved: bool = True
+    seed: int | None = None
+    # OpenAI's names: passes over the data, examples per step, a multiple of the academy's learning rate.
+    hyperparameters: Hyperparameters | None = None
 
 
 class ChallengeCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,9 +87,16 @@ class AcademyController(Controller):
 
     @post("/", operation_id="startAcademySession", status_code=HTTP_201_CREATED, sync_to_thread=False)
     def create(self, command: NamedDependency[Command], data: JSONBody[SessionCreate]) -> Response[Session]:
-        """Start a session for one of the caller's personas (one with a genome); a worker picks it up."""
+        """Start a session for one of the caller's personas (one with a genome); a worker picks it up.
+
+        `sources` picks the data: `knowledge` distils the persona's documents into the layer (cloze items,
+        evaluated on a held-out form), `examples` trains on a training file (`/v1/files`), `challenges` runs
+        the challenge and judge loop."""
+        training = TrainingData(sources=tuple(data.sources), training_file_id=data.training_file_id,
+                                validation_file_id=data.validation_file_id, attach_if_improved=data.attach_if_improved,
+                                seed=data.seed, hyperparameters=data.hyperparameters or Hyperparameters())
         session = self.sessions.start(command, data.persona_id, data.goal, target_similarity=data.target_similarity,
-                                      budget_steps=data.budget_steps, budget_seconds=data.budget_seconds)
+                                      budget_steps=data.budget_steps, budget_seconds=data.budget_seconds, data=training)
         return created(session, _location)
 
     @get("/{session_id:str}", operation_id="getAcademySession", sync_to_thread=False)

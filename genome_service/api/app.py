@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from genome_service.academy.shared_engine import SharedEngine
 from genome_service.academy.worker import embedded_worker
-from genome_service.api import academy, chat, genomes, inference, layers, openai_compat, personas, recipes, search
+from genome_service.api import academy, chat, fine_tuning, genomes, inference, layers, openai_compat, personas, recipes, search
 from genome_service.api.auth import PUBLIC_PATHS, ApiKeyAuthentication, is_loopback, presented_key
 from genome_service.api.console import console_routes, offline_swagger
 from genome_service.api.conventions import bound, dependencies
@@ -29,6 +29,8 @@ from genome_service.chat.runtime import ChatRuntime
 from genome_service.mcp.server import Features, features_of
 from genome_service.recipes.service import RecipeRuns, Recipes
 from genome_service.services.bootstrap import Services, build
+from genome_service.services.fine_tuning import FineTuning
+from genome_service.services.training_files import TrainingFiles
 from genome_service.settings import Settings
 
 PROCESS_HEADER = "X-Genome-Process"
@@ -40,6 +42,7 @@ REQUEST_TYPES = (
     genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
     chat.ChatCreate, chat.ChatMessageIn, openai_compat.CompletionCreate, openai_compat.StreamOptions,
     academy.SessionCreate, academy.ChallengeCreate, academy.ResponseCreate,
+    fine_tuning.JobCreate, fine_tuning.HyperparametersIn, fine_tuning.MethodIn, fine_tuning.SupervisedIn,
     recipes.RecipeCreate, recipes.RecipeRevision, recipes.RunCreate,
 )
 
@@ -119,7 +122,9 @@ def _controllers(services: Services, features: Features, academy_engine: SharedE
         bound(search.LayerSearchController, discovery=features.discovery),
         bound(search.KnowledgeController, knowledge=features.knowledge),
         bound(chat.ChatController, chat=features.chat, conversations=features.conversations),
-        bound(openai_compat.OpenAIController, chat=features.chat, personas=features.personas),
+        bound(openai_compat.OpenAIController, chat=features.chat, personas=features.personas, jobs=FineTuning(services)),
+        fine_tuning.files_controller(TrainingFiles(services), services.settings.files_max_bytes),
+        bound(fine_tuning.FineTuningController, jobs=FineTuning(services)),
         bound(academy.AcademyController, sessions=features.sessions, engine=academy_engine),
         bound(inference.InferenceController, runtime=runtime),
         bound(recipes.RecipeController, recipes=Recipes(services), runs=RecipeRuns(services)),

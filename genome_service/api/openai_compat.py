@@ -1,7 +1,8 @@
 """OpenAI-compatible chat: `POST /v1/chat/completions` and `GET /v1/models`, where a persona is a model.
 
 The official `openai` client works unchanged: `model` is one of the caller's personas,
-by id or by name. Each call is one turn of a new conversation (the API is stateless:
+by id or by name, or a fine-tuned model (`ft:<base>:<suffix>:<layer id>`, from a
+fine-tuning job: the base model plus that layer, nothing recorded). Each call is one turn of a new conversation (the API is stateless:
 the client sends the history), recorded and retrieved like `/personas/{id}/chat`; the
 answer adds `conversation_id` and `citations` beside the standard fields.
 """
@@ -21,13 +22,15 @@ from litestar.status_codes import HTTP_200_OK
 
 from genome_service.api.chat import ChatMessageIn, worker_header
 from genome_service.api.openapi import SSE
+from genome_service.chat.model_turn import run_model_turn
 from genome_service.chat.service import AskedMessage, Chat, ChatAsk, Turn
 from genome_service.chat.turn import ChatRefused, Reply
 from genome_service.domain.conversation import Citation, Generation
 from genome_service.services.context import Caller, Command
 from genome_service.services.creation import new_id
+from genome_service.services.fine_tuning import FineTuning
 from genome_service.services.personas import Personas
-from inference.backends.base import Token
+from inference.backends.base import ChatMessage, Token
 
 
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -130,22 +133,38 @@ class OpenAIController(Controller):
     tags = ["openai"]
     chat: Chat
     personas: Personas
+    jobs: FineTuning
 
     # Stream media type on the handler, JSON on the plain answer: see api/chat.py.
     @post("/chat/completions", operation_id="createChatCompletion", status_code=HTTP_200_OK, media_type=SSE)
     async def completions(self, command: NamedDependency[Command], data: JSONBody[CompletionCreate]) -> Response[Completion]:
-        """A persona's reply in OpenAI's chat completion format; `model` is the persona's id or name."""
-        ask, persona_id = _ask(data), self.personas.resolve_model(command.caller, data.model)
-        turn = await self.chat.start(command.caller, persona_id, ask, command.metadata)
+        """A reply in OpenAI's chat completion format; `model` is a persona's id or name, or a fine-tuned model."""
+        ask = _ask(data)
+        fine_tuned = self.jobs.layer_for_model(command.caller, data.model)
+        if fine_tuned is not None:
+            turn = await self._model_turn(command.caller, fine_tuned, ask)
+        else:
+            persona_id = self.personas.resolve_model(command.caller, data.model)
+            turn = await self.chat.start(command.caller, persona_id, ask, command.metadata)
         return _streamed(turn, data) if data.stream else _completion(await self.chat.reply(turn), data.model)
+
+    async def _model_turn(self, caller: Caller, fine_tuned: tuple[str, str], ask: ChatAsk) -> Turn:
+        base_model, layer_id = fine_tuned
+        events = run_model_turn(
+            self.chat.services.settings, self.chat.runtime, base_model, layer_id,
+            [ChatMessage(m.role, m.content) for m in ask.messages], max_tokens=ask.max_tokens,
+            temperature=ask.temperature, top_p=ask.top_p, seed=ask.seed, label=f"{caller.owner}/{layer_id}",
+        )
+        return Turn(await anext(events), events)
 
     @get("/models", operation_id="listModels", sync_to_thread=False)
     def models(self, caller: NamedDependency[Caller]) -> ModelList:
-        """The caller's personas, each a model for /v1/chat/completions."""
-        return ModelList(object="list", data=[
-            Model(id=p.id, object="model", created=int(p.created_at.timestamp()), owned_by=caller.owner, name=p.name)
-            for p in self.personas.as_models(caller)
-        ])
+        """The caller's personas and fine-tuned models, each a model for /v1/chat/completions."""
+        personas = [Model(id=p.id, object="model", created=int(p.created_at.timestamp()), owned_by=caller.owner, name=p.name)
+                    for p in self.personas.as_models(caller)]
+        tuned = [Model(id=name, object="model", created=created, owned_by=caller.owner, name=name)
+                 for name, created in self.jobs.models(caller)]
+        return ModelList(object="list", data=personas + tuned)
 
 
 async def _chunks(turn: Turn, model: str, created: int, include_usage: bool) -> AsyncIterator[ServerSentEventMessage]:

@@ -60,6 +60,46 @@ MAX_CHALLENGES = 1_000
 MAX_TASKS = 16
 MAX_NEEDS = 3  # a goal's sentences planned as tasks of their own; more would thin the budget out
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
+_SUFFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+MAX_EPOCHS = 100
+MAX_BATCH_SIZE = 256
+EVALUATION_PHASES = ("before", "checkpoint", "after")
+
+
+class DataSource(enum.StrEnum):
+    EXAMPLES = "examples"  # the user's chat JSONL (a training file)
+    KNOWLEDGE = "knowledge"  # the persona's knowledge, as cloze items
+    CHALLENGES = "challenges"  # the challenge / judge loop
+
+
+class Hyperparameters(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """OpenAI's names: passes over the data, examples per step, a multiple of the academy's rate."""
+
+    n_epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate_multiplier: float | None = None
+
+
+class TrainingData(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """What a session trains on and how its layer is judged and named."""
+
+    sources: tuple[DataSource, ...] = (DataSource.CHALLENGES,)
+    training_file_id: str | None = None
+    validation_file_id: str | None = None
+    hyperparameters: Hyperparameters = Hyperparameters()
+    seed: int | None = None
+    suffix: str = ""
+    # Attach the layer to the persona only if the held-out evaluation says it improved.
+    attach_if_improved: bool = True
+    # A job on a base model rather than a persona: the model its layer is for ("" otherwise).
+    base_model: str = ""
+
+
+class DataSet(msgspec.Struct, frozen=True, gc=False):
+    source: DataSource
+    sha256: str  # of the examples trained on, as the trainer encodes them
+    examples: int
+    heldout: int  # examples of the validation set that came from this source
 
 
 class PlanTask(msgspec.Struct, frozen=True, gc=False):
@@ -98,6 +138,7 @@ class AcademySessionStarted(msgspec.Struct, frozen=True, gc=False, tag=True):
     budget_steps: int
     budget_seconds: float
     needs: tuple[str, ...] = ()  # planned as given; empty: the goal's own sentences
+    data: TrainingData = TrainingData()
 
 
 class SessionStatusChanged(msgspec.Struct, frozen=True, gc=False, tag=True):
@@ -159,6 +200,38 @@ class LayerReused(msgspec.Struct, frozen=True, gc=False, tag=True):
     weight: float
 
 
+class DataPrepared(msgspec.Struct, frozen=True, gc=False, tag=True):
+    """The task's training data, by source, and where its held-out set came from."""
+
+    task_id: str
+    sets: tuple[DataSet, ...]
+    # "validation_file", "heldout_form" (knowledge asked another way), "split" (examples set
+    # aside) or "training_data" (too few examples to set any aside: not held out).
+    validation: str
+    validation_sha256: str
+
+
+class Evaluated(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
+    """The adapter on held-out data after `step` steps (0: before training)."""
+
+    task_id: str
+    step: int
+    phase: str  # before, checkpoint or after
+    valid_loss: float
+    valid_token_accuracy: float
+    # Knowledge: the fraction of facts whose answer a greedy closed-book answer names, asked as
+    # trained (task_score) and in the held-out form; measured before and after only.
+    task_score: float | None = None
+    heldout_task_score: float | None = None
+
+
+class AttachDecided(msgspec.Struct, frozen=True, gc=False, tag=True):
+    task_id: str
+    layer_id: str
+    attached: bool
+    reason: str
+
+
 AcademyEvent = (
     AcademySessionStarted
     | SessionStatusChanged
@@ -169,6 +242,9 @@ AcademyEvent = (
     | TrainingProgressed
     | LayerProduced
     | LayerReused
+    | DataPrepared
+    | Evaluated
+    | AttachDecided
 )
 
 
@@ -202,6 +278,10 @@ class AcademySession(msgspec.Struct, frozen=True, gc=False):
     loss: float | None = None  # the latest training loss
     training_seconds: float = 0.0  # spent on training, as of the latest checkpoint
     finished_tasks: tuple[tuple[str, str], ...] = ()  # (task id, layer id) produced or reused
+    data: TrainingData = TrainingData()
+    prepared: tuple[str, ...] = ()  # tasks whose data is recorded
+    evaluations: tuple[Evaluated, ...] = ()
+    decisions: tuple[AttachDecided, ...] = ()
 
     def challenge(self, challenge_id: str) -> Challenge | None:
         return next((c for c in self.challenges if c.challenge_id == challenge_id), None)
@@ -211,6 +291,12 @@ class AcademySession(msgspec.Struct, frozen=True, gc=False):
 
     def last_step(self, task_id: str) -> int:
         return dict(self.trained_steps).get(task_id, 0)
+
+    def evaluation(self, task_id: str, step: int, phase: str) -> Evaluated | None:
+        return next((e for e in self.evaluations if (e.task_id, e.step, e.phase) == (task_id, step, phase)), None)
+
+    def decision(self, task_id: str) -> AttachDecided | None:
+        return next((d for d in self.decisions if d.task_id == task_id), None)
 
 
 # Commands
@@ -223,6 +309,7 @@ class StartAcademySession(msgspec.Struct, frozen=True, gc=False):
     budget_steps: int = 100
     budget_seconds: float = 3600.0
     needs: tuple[str, ...] = ()
+    data: TrainingData = TrainingData()
 
 
 class ChangeSessionStatus(msgspec.Struct, frozen=True, gc=False):
@@ -279,6 +366,30 @@ class RecordLayerReused(msgspec.Struct, frozen=True, gc=False):
     weight: float
 
 
+class PrepareData(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    sets: tuple[DataSet, ...]
+    validation: str
+    validation_sha256: str
+
+
+class RecordEvaluation(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    step: int
+    phase: str
+    valid_loss: float
+    valid_token_accuracy: float
+    task_score: float | None = None
+    heldout_task_score: float | None = None
+
+
+class DecideAttach(msgspec.Struct, frozen=True, gc=False):
+    task_id: str
+    layer_id: str
+    attached: bool
+    reason: str
+
+
 AcademyCommand = (
     StartAcademySession
     | ChangeSessionStatus
@@ -289,6 +400,9 @@ AcademyCommand = (
     | RecordTrainingProgress
     | RecordLayerProduced
     | RecordLayerReused
+    | PrepareData
+    | RecordEvaluation
+    | DecideAttach
 )
 JUDGES = ("model", "heuristic", "client")
 ROLES = ("system", "user", "assistant")
@@ -371,6 +485,18 @@ def decide(command: AcademyCommand, state: AcademySession | None) -> list[Academ
             _require_task_open(task_id, state)
             require_weight(weight)
             return [LayerReused(task_id, layer_id, weight)]
+        case PrepareData(task_id=task_id):
+            _require_training_task(task_id, state)
+            require(task_id not in state.prepared, "data_exists", f"task {task_id} already has its data")
+            return [DataPrepared(**msgspec.structs.asdict(command))]
+        case RecordEvaluation():
+            return [_evaluated(command, state)]
+        case DecideAttach(task_id=task_id, layer_id=layer_id):
+            require(dict(state.finished_tasks).get(task_id) == layer_id, "task_layer_mismatch",
+                    f"task {task_id} did not produce layer {layer_id}")
+            require(state.decision(task_id) is None, "attach_decision_exists", f"task {task_id}'s layer is decided")
+            require_text(command.reason, "reason", max_length=2000)
+            return [AttachDecided(**msgspec.structs.asdict(command))]
     raise DomainError("unknown_command", f"academy session cannot handle {type(command).__name__}")
 
 
@@ -395,6 +521,42 @@ def _require_plan(command: StartAcademySession) -> None:
     require(len(command.needs) <= MAX_TASKS, "needs_out_of_range", f"a session has at most {MAX_TASKS} needs")
     for need in command.needs:
         require_text(need, "need", max_length=2000)
+    _require_data(command.data, command.persona_id)
+
+
+def _require_data(data: TrainingData, persona_id: str) -> None:
+    sources = data.sources
+    require(bool(sources) and len(set(sources)) == len(sources), "sources_invalid",
+            f"name each training data source once, at least one (got {[s.value for s in sources]})")
+    require((DataSource.EXAMPLES in sources) == (data.training_file_id is not None), "training_file_mismatch",
+            "a session trains on a training file exactly when its sources include examples")
+    require(data.validation_file_id is None or data.training_file_id is not None, "validation_file_without_training_file",
+            "a validation file goes with a training file")
+    if not persona_id:
+        require(bool(data.base_model) and sources == (DataSource.EXAMPLES,), "persona_required",
+                "without a persona a session needs a base model and trains on a training file only")
+    epochs, batch, multiplier = (data.hyperparameters.n_epochs, data.hyperparameters.batch_size,
+                                 data.hyperparameters.learning_rate_multiplier)
+    require(epochs is None or 1 <= epochs <= MAX_EPOCHS, "n_epochs_out_of_range", f"n_epochs must be in 1..{MAX_EPOCHS}")
+    require(batch is None or 1 <= batch <= MAX_BATCH_SIZE, "batch_size_out_of_range",
+            f"batch_size must be in 1..{MAX_BATCH_SIZE}")
+    require(multiplier is None or (math.isfinite(multiplier) and 0 < multiplier <= 100), "learning_rate_multiplier_out_of_range",
+            "learning_rate_multiplier must be a finite number in (0, 100]")
+    require(not data.suffix or _SUFFIX.fullmatch(data.suffix) is not None, "suffix_invalid",
+            "a suffix is 1..40 lowercase letters, digits and dashes, starting with a letter or digit")
+
+
+def _evaluated(command: RecordEvaluation, state: AcademySession) -> Evaluated:
+    _require_training_task(command.task_id, state)
+    require(command.phase in EVALUATION_PHASES, "evaluation_phase_unknown",
+            f"phase must be one of {', '.join(EVALUATION_PHASES)} (got {command.phase!r})")
+    require(state.evaluation(command.task_id, command.step, command.phase) is None, "evaluation_exists",
+            f"task {command.task_id} is already evaluated at step {command.step} ({command.phase})")
+    values = (command.valid_loss, command.valid_token_accuracy, command.task_score, command.heldout_task_score)
+    require(all(v is None or (math.isfinite(v) and v >= 0) for v in values)
+            and all(v is None or v <= 1 for v in values[1:]), "evaluation_out_of_range",
+            "a loss is finite and non-negative; accuracies and scores are within 0..1")
+    return Evaluated(**msgspec.structs.asdict(command))
 
 
 def _require_tasks(tasks: tuple[PlanTask, ...]) -> None:
@@ -503,6 +665,12 @@ def evolve(state: AcademySession | None, event: AcademyEvent) -> AcademySession:
                                            training_seconds=max(seconds, state.training_seconds))
         case LayerProduced(task_id=task_id, layer_id=layer_id) | LayerReused(task_id=task_id, layer_id=layer_id):
             return msgspec.structs.replace(state, finished_tasks=(*state.finished_tasks, (task_id, layer_id)))
+        case DataPrepared(task_id=task_id):
+            return msgspec.structs.replace(state, prepared=(*state.prepared, task_id))
+        case Evaluated():
+            return msgspec.structs.replace(state, evaluations=(*state.evaluations, event))
+        case AttachDecided():
+            return msgspec.structs.replace(state, decisions=(*state.decisions, event))
     raise TypeError(f"unknown academy session event {type(event).__name__}")
 
 

@@ -60,6 +60,9 @@ class LayerRegistered(msgspec.Struct, frozen=True, gc=False, tag=True):
     training_metrics: TrainingMetrics | None = None
     # Only ever the owner's own vector; a computed one is derived, never stored here.
     embedding: tuple[float, ...] | None = None
+    # The persona whose personal data (knowledge) the adapter was trained on: never public,
+    # and erased with that persona.
+    personal_of: str | None = None
 
 
 class LayerDetailsChanged(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
@@ -77,7 +80,13 @@ class LayerDeprecated(msgspec.Struct, frozen=True, gc=False, tag=True):
     reason: str = ""
 
 
-LayerEvent = LayerRegistered | LayerDetailsChanged | TrainingMetricsRecorded | LayerDeprecated
+class LayerErased(msgspec.Struct, frozen=True, gc=False, tag=True):
+    """The adapter's bytes were deleted with the persona whose data they carried."""
+
+    persona_id: str
+
+
+LayerEvent = LayerRegistered | LayerDetailsChanged | TrainingMetricsRecorded | LayerDeprecated | LayerErased
 
 
 # State
@@ -101,6 +110,8 @@ class Layer(msgspec.Struct, frozen=True, gc=False):
     deprecated: bool = False
     deprecation_reason: str = ""
     embedding: tuple[float, ...] | None = None
+    personal_of: str | None = None
+    erased: bool = False
 
 
 # Commands
@@ -122,6 +133,7 @@ class RegisterLayer(msgspec.Struct, frozen=True, gc=False):
     parent_layer_id: str | None = None
     training_metrics: TrainingMetrics | None = None
     embedding: tuple[float, ...] | None = None
+    personal_of: str | None = None
 
 
 class ChangeLayerDetails(msgspec.Struct, frozen=True, gc=False):
@@ -139,7 +151,11 @@ class DeprecateLayer(msgspec.Struct, frozen=True, gc=False):
     reason: str = ""
 
 
-LayerCommand = RegisterLayer | ChangeLayerDetails | RecordTrainingMetrics | DeprecateLayer
+class EraseLayer(msgspec.Struct, frozen=True, gc=False):
+    persona_id: str
+
+
+LayerCommand = RegisterLayer | ChangeLayerDetails | RecordTrainingMetrics | DeprecateLayer | EraseLayer
 
 
 def decide(command: LayerCommand, state: Layer | None) -> list[LayerEvent]:
@@ -149,13 +165,19 @@ def decide(command: LayerCommand, state: Layer | None) -> list[LayerEvent]:
         if command.training_metrics is not None:
             _require_metrics(command.training_metrics)
         tags = normalise_tags(command.tags)
+        _require_private(command.personal_of, command.public)
         return [LayerRegistered(**{**msgspec.structs.asdict(command), "tags": tags})]
     require_exists(state, "layer")
     assert state is not None
+    if isinstance(command, EraseLayer):
+        require(state.personal_of == command.persona_id, "layer_not_personal",
+                f"layer {state.layer_id} carries no data of persona {command.persona_id}")
+        return [] if state.erased else [LayerErased(command.persona_id)]
     require(not state.deprecated, "layer_deprecated", f"layer {state.layer_id} is deprecated and can no longer change")
     match command:
         case ChangeLayerDetails(description=description, tags=tags, public=public, license=license):
             tags = None if tags is None else normalise_tags(tags)
+            _require_private(state.personal_of, bool(public))
             proposed = {"description": description, "tags": tags, "public": public, "license": license}
             changed = {
                 key: value for key, value in proposed.items() if value is not None and value != getattr(state, key)
@@ -206,6 +228,14 @@ def normalise_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(normalised)
 
 
+def _require_private(personal_of: str | None, public: bool) -> None:
+    require(
+        personal_of is None or not public,
+        "public_not_allowed",
+        f"this layer was trained on persona {personal_of}'s knowledge (personal data): it cannot be made public",
+    )
+
+
 def _require_metrics(metrics: TrainingMetrics) -> None:
     for field, value in msgspec.structs.asdict(metrics).items():
         if value is None:
@@ -228,6 +258,9 @@ def evolve(state: Layer | None, event: LayerEvent) -> Layer:
             return msgspec.structs.replace(state, training_metrics=metrics)
         case LayerDeprecated(reason=reason):
             return msgspec.structs.replace(state, deprecated=True, deprecation_reason=reason)
+        case LayerErased(persona_id=persona_id):
+            return msgspec.structs.replace(state, erased=True, deprecated=True,
+                                           deprecation_reason=f"erased with persona {persona_id}")
     raise TypeError(f"unknown layer event {type(event).__name__}")
 
 

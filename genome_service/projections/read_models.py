@@ -25,6 +25,7 @@ from genome_service.domain.layer import LAYER
 from genome_service.domain.persona import PERSONA
 from genome_service.domain.recipe import RECIPE
 from genome_service.domain.recipe_run import RECIPE_RUN
+from genome_service.domain.training_file import TRAINING_FILE
 from genome_service.eventstore.data_keys import DataKeys, SubjectErased
 from genome_service.eventstore.driver import execute_chunks, execute_many
 from genome_service.eventstore.repository import Aggregate
@@ -42,6 +43,7 @@ from genome_service.projections.tables import (
     PERSONAS,
     RECIPE_RUNS,
     RECIPES,
+    TRAINING_FILES,
 )
 
 Row = dict[str, Any]
@@ -191,7 +193,8 @@ def _genome_layer_rows(aggregate: Aggregate[Any]) -> list[Row]:
 
 
 def _academy_row(state: Any) -> Row:
-    return _fields(state, "tasks", "challenges", "examples", "trained_steps", "finished_tasks", "needs") | {
+    return _fields(state, "tasks", "challenges", "examples", "trained_steps", "finished_tasks", "needs", "data", "prepared",
+                   "evaluations", "decisions") | {
         "planned": state.tasks is not None,
         "challenge_count": len(state.challenges),
         "example_count": state.examples,
@@ -252,6 +255,8 @@ READ_MODELS: tuple[ReadModel, ...] = (
     ReadModel(LAYER, LAYERS, "layer_id", lambda state: _fields(state, "embedding")),
     ReadModel(PERSONA, PERSONAS, "persona_id", _fields),
     ReadModel(ACADEMY_SESSION, ACADEMY_SESSIONS, "session_id", _academy_row),
+    # The content stays in the log, sealed; deleting shreds its key.
+    ReadModel(TRAINING_FILE, TRAINING_FILES, "file_id", lambda state: _fields(state, "content", "erased")),
     ReadModel(
         KNOWLEDGE,
         KNOWLEDGE_DOCUMENTS,

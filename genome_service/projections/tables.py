@@ -67,6 +67,9 @@ class LayerRow(SQLModel, table=True):
     training_metrics: dict | None = Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=True))  # type: ignore[type-arg]
     deprecated: bool
     deprecation_reason: str
+    # The persona whose knowledge the adapter carries (never public, erased with it).
+    personal_of: str | None = Field(default=None, index=True, max_length=64)
+    erased: bool = False
     version: int
     created_at: datetime = Field(sa_column=_time())
     updated_at: datetime = Field(sa_column=_time())
@@ -107,6 +110,24 @@ class AcademySessionRow(SQLModel, table=True):
     step: int  # training steps recorded (checkpointed), over all tasks
     loss: float | None = None  # the latest recorded training loss
     layer_ids: list[str] = Field(sa_column=_json())  # produced or reused, in order
+    version: int
+    created_at: datetime = Field(sa_column=_time())
+    updated_at: datetime = Field(sa_column=_time())
+
+
+class TrainingFileRow(SQLModel, table=True):
+    """An uploaded training file; its content is only in the log, sealed with the file's own key."""
+
+    __tablename__ = "training_files"
+
+    file_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=200)
+    filename: str = Field(max_length=255)
+    purpose: str = Field(max_length=32)
+    bytes: int
+    sha256: str = Field(max_length=64)
+    examples: int
+    deleted: bool = Field(index=True)
     version: int
     created_at: datetime = Field(sa_column=_time())
     updated_at: datetime = Field(sa_column=_time())
@@ -222,6 +243,7 @@ GENOME_LAYER_REFS = SQLModel.metadata.tables["genome_layer_refs"]
 LAYERS = SQLModel.metadata.tables["layers"]
 PERSONAS = SQLModel.metadata.tables["personas"]
 ACADEMY_SESSIONS = SQLModel.metadata.tables["academy_sessions"]
+TRAINING_FILES = SQLModel.metadata.tables["training_files"]
 KNOWLEDGE_DOCUMENTS = SQLModel.metadata.tables["knowledge"]
 KNOWLEDGE_CHUNKS = SQLModel.metadata.tables["knowledge_chunks"]
 CONVERSATIONS = SQLModel.metadata.tables["conversations"]

@@ -20,6 +20,7 @@ from genome_service.domain.academy import (
     ChangeSessionStatus,
     SessionStatus,
     StartAcademySession,
+    TrainingData,
     TrainingProgressed,
 )
 from genome_service.domain.common import DomainError
@@ -30,6 +31,7 @@ from genome_service.projections.tables import ACADEMY_SESSIONS
 from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller, Command
 from genome_service.services.creation import create_stream
+from genome_service.services.training_files import TrainingFiles
 from genome_service.services.reads import EventView, Page, Visibility, event_views, follow_stream, page, visible_row
 
 VISIBILITY = Visibility(ACADEMY_SESSIONS, "session_id", "academy_session", archived=None)
@@ -64,21 +66,24 @@ def _from_row(row: Row) -> Session:
 def start_session(
     services: Services, persona_id: str, goal: str, *, owner: str | None = None, budget_steps: int = 100,
     budget_seconds: float = 3600.0, target_similarity: float = 0.95, metadata: EventMetadata | None = None,
-    needs: tuple[str, ...] = (),
+    needs: tuple[str, ...] = (), data: TrainingData | None = None,
 ) -> str:
     """A new pending session for a persona `owner` may see (any persona when owner is None: the CLI).
 
     A persona without a genome is refused here: the session's layer would have nowhere to go.
+    Training files named in `data` must be the persona owner's.
     """
     persona = services.repository.load(PERSONA, persona_id).state
     if persona is None or persona.archived or (owner is not None and persona.owner != owner):
         raise DomainError("persona_not_found", f"persona {persona_id!r} does not exist")
+    data = data or TrainingData()
 
     def command(session_id: str) -> StartAcademySession:
         return StartAcademySession(session_id, persona.owner, persona_id, goal, target_similarity,
-                                   budget_steps, budget_seconds, needs)
+                                   budget_steps, budget_seconds, needs, data)
 
     ACADEMY_SESSION.decide(command("validation"), None)  # the ask's own faults first
+    require_files(services, persona.owner, data)
     if persona.genome_id is None:
         raise DomainError("persona_has_no_genome", (
             f"persona {persona_id!r} has no genome to train a layer for: create it with a base_model, "
@@ -87,6 +92,13 @@ def start_session(
 
     outcome = create_stream(services, ACADEMY_SESSION, metadata or EventMetadata(actor=owner or "cli"), command)
     return outcome.aggregate.stream_id
+
+
+def require_files(services: Services, owner: str, data: TrainingData) -> None:
+    """The session's training files exist and are the owner's (`file_not_found` otherwise)."""
+    for file_id in (data.training_file_id, data.validation_file_id):
+        if file_id is not None:
+            TrainingFiles(services).get(Caller(owner), file_id)
 
 
 def loss_curve(services: Services, session_id: str) -> list[tuple[int, float]]:
@@ -148,14 +160,15 @@ class AcademySessions:
     # Commands
     def start(
         self, command: Command, persona_id: str, goal: str, *, target_similarity: float = 0.95, budget_steps: int = 100,
-        budget_seconds: float = 3600.0, needs: tuple[str, ...] = (),
+        budget_seconds: float = 3600.0, needs: tuple[str, ...] = (), data: TrainingData | None = None,
     ) -> Session:
         """Start a session for one of the caller's personas (one with a genome); a worker picks it up.
-        With ``needs``, its plan has one task for each of them instead of the goal's sentences."""
+        With ``needs``, its plan has one task for each of them instead of the goal's sentences;
+        ``data`` names what it trains on (default: the challenge loop) and whether it attaches only if improved."""
         session_id = start_session(
             self.services, persona_id, goal, owner=command.owner, budget_steps=budget_steps,
             budget_seconds=budget_seconds, target_similarity=target_similarity, metadata=command.metadata,
-            needs=needs,
+            needs=needs, data=data,
         )
         return self.get(command.caller, session_id)
 

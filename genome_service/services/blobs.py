@@ -48,3 +48,25 @@ class BlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).exists()
+
+    def delete(self, sha256: str) -> None:
+        """Delete the blob, leaving no readable copy of it (`shred`)."""
+        target = self.path(sha256)
+        if target.exists():
+            shred(target)
+
+
+def shred(path: Path) -> None:
+    """Overwrite a file with zeros, then unlink it; a folder: each file in it, then the folder.
+
+    Erased data leaves no readable copy in the old blocks (on file systems that write in place)."""
+    if path.is_dir():
+        for child in path.iterdir():
+            shred(child)
+        path.rmdir()
+        return
+    with path.open("r+b") as handle:
+        handle.write(b"\0" * path.stat().st_size)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.unlink()

@@ -3,15 +3,21 @@
 ``PersonaErased`` (which holds no personal data) is recorded, the persona's data
 key shredded and its knowledge and conversation rows deleted in one transaction.
 Afterwards its sealed values read back as ``erased`` everywhere: replays,
-projection rebuilds, index rebuilds.
+projection rebuilds, index rebuilds. Layers trained on its knowledge are marked erased and
+their adapter blobs deleted: the weights carry the facts they learnt.
 """
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
 from genome_service.domain.persona import PERSONA, ErasePersona
 from genome_service.eventstore.driver import execute_chunks
 from genome_service.eventstore.records import EventMetadata, Expect
+from genome_service.projections.tables import ACADEMY_SESSIONS
+from genome_service.services.blobs import shred
 from genome_service.services.bootstrap import Services
+from genome_service.services.layers import erase_personal_layers
 
 # Tables whose deleted rows may have held personal text (in clear, if written before sealing).
 TOUCHED_TABLES = ("personal_data_keys", "knowledge", "knowledge_chunks", "conversations", "conversation_messages",
@@ -21,6 +27,9 @@ TOUCHED_TABLES = ("personal_data_keys", "knowledge", "knowledge_chunks", "conver
 def erase_persona(services: Services, persona_id: str, metadata: EventMetadata) -> None:
     """Erase a persona's personal data for good. Raises ``DomainError`` (``persona_erased``) the second time."""
     database = services.database
+    # First, and idempotent: a crash after it leaves the persona to erase again, which redoes it.
+    erase_personal_layers(services, persona_id, metadata)
+    _shred_checkpoints(services, persona_id)
     with database.write() as connection:
         current = services.repository.load(PERSONA, persona_id, connection=connection)
         events = PERSONA.decide(ErasePersona(), current.state)
@@ -39,6 +48,18 @@ def erase_persona(services: Services, persona_id: str, metadata: EventMetadata) 
                 connection.exec_driver_sql("PRAGMA secure_delete = OFF")
     _scrub(services)
     services.search.current().save()
+
+
+def _shred_checkpoints(services: Services, persona_id: str) -> None:
+    """The persona's academy sessions' training checkpoints: weights (and optimizer moments)
+    trained on its knowledge, as much its data as the layer they became."""
+    query = sa.select(ACADEMY_SESSIONS.c.session_id).where(ACADEMY_SESSIONS.c.persona_id == persona_id)
+    with services.database.read() as connection:
+        sessions = list(connection.execute(query).scalars())
+    for session_id in sessions:
+        folder = services.settings.data_dir / "academy" / session_id
+        if folder.exists():
+            shred(folder)
 
 
 def _delete_snapshots(connection, streams: list[str]) -> None:  # type: ignore[no-untyped-def]

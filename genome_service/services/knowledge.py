@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import PurePath
 
 import msgspec
+import sqlalchemy as sa
 
 from genome_service.domain.knowledge import KNOWLEDGE, AddKnowledge, Knowledge, PersonaFacts, RemoveKnowledge
 from genome_service.domain.persona import PERSONA
@@ -160,3 +161,18 @@ class KnowledgeBase:
             )
             for row in rows
         ]
+
+
+def persona_texts(services: Services, persona_id: str) -> list[str]:
+    """The persona's knowledge as its chunks' text, oldest document first (for distilling it into a layer)."""
+    query = (sa.select(KNOWLEDGE_DOCUMENTS.c.knowledge_id)
+             .where(KNOWLEDGE_DOCUMENTS.c.persona_id == persona_id, KNOWLEDGE_DOCUMENTS.c.removed.is_(False))
+             .order_by(KNOWLEDGE_DOCUMENTS.c.created_at, KNOWLEDGE_DOCUMENTS.c.knowledge_id))
+    with services.database.read() as connection:
+        ids = list(connection.execute(query).scalars())
+    texts: list[str] = []
+    for knowledge_id in ids:
+        state = services.repository.load(KNOWLEDGE, knowledge_id).state
+        if state is not None and not state.removed and not state.erased:
+            texts.extend(state.chunks)
+    return texts

@@ -60,8 +60,12 @@ _manifest_encoder = msgspec.json.Encoder(order="sorted")
 
 def register_layer(
     services: Services, owner: str, details: LayerDetails, files: Mapping[str, bytes], metadata: EventMetadata,
+    *, personal_of: str | None = None,
 ) -> Outcome[domain.Layer]:
-    """Validate the adapter and the layer's rules first: a refusal leaves no blob and no event."""
+    """Validate the adapter and the layer's rules first: a refusal leaves no blob and no event.
+
+    `personal_of`: the persona whose personal data the adapter was trained on (the layer
+    is then never public and is erased with that persona)."""
     if details.parent_layer_id is not None:
         parent = services.repository.load(LAYER, details.parent_layer_id).state
         if parent is None or (parent.owner != owner and not parent.public):
@@ -81,6 +85,7 @@ def register_layer(
             target_modules=info.target_modules, trait_type=details.trait_type, description=details.description,
             tags=tuple(details.tags), creator=details.creator or owner, license=details.license,
             public=details.public, parent_layer_id=details.parent_layer_id, embedding=embedding,
+            personal_of=personal_of,
         )
 
     LAYER.decide(command("validation"), None)
@@ -107,6 +112,27 @@ def blob_for_daemon(services: Services, authorization: str | None, sha256: str) 
         return services.blobs.read(sha256)
     except (ValueError, FileNotFoundError):
         raise NotFound("blob", sha256) from None
+
+
+def erase_personal_layers(services: Services, persona_id: str, metadata: EventMetadata) -> list[str]:
+    """Mark every layer trained on the persona's data erased and delete its blobs (those no other
+    live layer's adapter shares, such as a common config file). The ids erased, returned."""
+    with services.database.read() as connection:
+        rows = list(connection.execute(sa.select(LAYERS.c.layer_id, LAYERS.c.adapter_sha256, LAYERS.c.erased)
+                                       .where(LAYERS.c.personal_of == persona_id)).mappings())
+        others = list(connection.execute(sa.select(LAYERS.c.adapter_sha256).where(
+            sa.or_(LAYERS.c.personal_of.is_(None), LAYERS.c.personal_of != persona_id), LAYERS.c.erased.is_(False))).scalars())
+    kept: set[str] = set()
+    for sha256 in others:
+        if services.blobs.exists(sha256):
+            kept |= {sha256, *adapter_manifest(services, sha256).files.values()}
+    for row in rows:
+        services.commands.execute(LAYER, row["layer_id"], domain.EraseLayer(persona_id), metadata=metadata)
+        if not services.blobs.exists(row["adapter_sha256"]):
+            continue  # erased before
+        for sha256 in {*adapter_manifest(services, row["adapter_sha256"]).files.values(), row["adapter_sha256"]} - kept:
+            services.blobs.delete(sha256)
+    return [row["layer_id"] for row in rows]
 
 
 def adapter_file(services: Services, adapter_sha256: str, which: str) -> tuple[str, bytes]:
@@ -143,6 +169,9 @@ class Layer(msgspec.Struct, frozen=True):
     version: int
     created_at: datetime
     updated_at: datetime
+    # The persona whose knowledge it was trained on: never public, erased with that persona.
+    personal_of: str | None = None
+    erased: bool = False
 
 
 def _from_fields(fields: dict[str, Any], version: int, created_at: datetime, updated_at: datetime) -> Layer:
@@ -204,7 +233,10 @@ class Layers:
 
     def adapter(self, caller: Caller, layer_id: str, which: str) -> tuple[str, bytes]:
         """One file of the layer's adapter, exactly as uploaded: (file name, bytes)."""
-        return adapter_file(self.services, self.readable(caller, layer_id)["adapter_sha256"], which)
+        row = self.readable(caller, layer_id)
+        if row["erased"]:
+            raise NotFound("adapter", layer_id)  # deleted with the persona whose data it carried
+        return adapter_file(self.services, row["adapter_sha256"], which)
 
     def events(self, caller: Caller, layer_id: str) -> list[EventView]:
         self.readable(caller, layer_id)

@@ -65,6 +65,9 @@ class StackResolver:
             layer = get_row(connection, LAYERS, "layer_id", layer_id)
         if layer is None:
             raise DomainError("layer_not_found", f"layer {layer_id!r} does not exist")
+        if layer["erased"]:
+            raise DomainError("layer_erased", f"layer {layer_id!r} was erased with persona {layer['personal_of']}: "
+                                              "its weights are gone (detach it)")
         if layer["base_model"] != self.spec.name:
             raise DomainError(
                 "base_model_mismatch",

@@ -8,6 +8,8 @@ top-level packages, as long as nothing puts this folder itself on sys.path.
 
 from inference.training.loop import (
     IGNORE,
+    BatchOrder,
+    Evaluation,
     Example,
     Progress,
     TrainerBackend,
@@ -26,6 +28,8 @@ from inference.training.torch import train_lora
 
 __all__ = [
     "IGNORE",
+    "BatchOrder",
+    "Evaluation",
     "Example",
     "Progress",
     "TrainerBackend",

@@ -10,9 +10,15 @@ model: one step's loss and update, its part of a checkpoint, and the trained fac
 
 The loss is next-token cross-entropy on the assistant turn only (the prompt is context,
 not a target). The learning rate warms up linearly, then follows a cosine to
-`min_lr_ratio` of its peak. The batch of step s depends only on (seed, s), so a run
-resumed from a checkpoint (adapter + optimizer + step) sees the same batches as one
-that never stopped and ends with the same adapter.
+`min_lr_ratio` of its peak. The batch of step s depends only on (seed, s) and the
+examples' lengths, so a run resumed from a checkpoint (adapter + optimizer + step) sees the
+same batches as one that never stopped and ends with the same adapter. Batches are
+length-bucketed: each pass's shuffled order is sorted by length within windows of
+`BUCKET_BATCHES` batches, so a batch pads its rows to a length close to their own.
+
+With `validation` examples, the adapter is evaluated before the first step, at every
+checkpoint and after the last step: the mean loss over the held-out target tokens and
+the fraction of them the model predicts exactly (greedy next token).
 
 Knows nothing of the event store: progress, checkpoints and cancellation are callbacks.
 """
@@ -38,6 +44,9 @@ from inference.models import PROJECTIONS
 
 IGNORE = -100  # the label cross-entropy skips: prompt and padding positions
 CHECKPOINT_PREFIX = "step-"
+# A window of this many batches is sorted by length before it is cut into batches: short rows
+# share batches with short rows, while the order stays random at the scale of a pass.
+BUCKET_BATCHES = 8
 STATE_FILE = "state.json"
 
 Row = tuple[list[int], list[int]]  # (input ids, labels) of one tokenised example
@@ -84,6 +93,7 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_length: int = 512
     seed: int = 0
     device: str = "auto"
+    bucket_by_length: bool = True
 
     def __post_init__(self) -> None:
         checks = (
@@ -116,6 +126,13 @@ class Progress(msgspec.Struct, frozen=True):
     seconds: float  # training time so far (this process)
 
 
+class Evaluation(msgspec.Struct, frozen=True):
+    step: int  # steps trained when it was measured (0: before training)
+    loss: float  # mean cross-entropy over the held-out target tokens
+    token_accuracy: float  # the fraction of them the model's greedy next token gets right
+    tokens: int
+
+
 class TrainingResult(msgspec.Struct, frozen=True):
     canonical: Canonical
     files: dict[str, bytes]  # the backend's adapter layout (PEFT for torch, mlx-lm for mlx)
@@ -124,6 +141,7 @@ class TrainingResult(msgspec.Struct, frozen=True):
     tokens: int
     seconds: float
     resumed_from: int  # 0 when the run started from scratch
+    evaluations: tuple[Evaluation, ...] = ()  # this run's, in step order
 
 
 class TrainerBackend(Protocol):
@@ -133,6 +151,10 @@ class TrainerBackend(Protocol):
 
     def loss(self, batch: Sequence[Row]) -> float:
         """The mean loss over the batch's target tokens; its gradients wait for `update`."""
+        ...
+
+    def evaluate(self, batch: Sequence[Row]) -> tuple[float, int, int]:
+        """(summed loss, exactly predicted tokens, count) over the batch's target tokens; no gradients."""
         ...
 
     def update(self, learning_rate: float) -> None:
@@ -166,6 +188,8 @@ class TrainingOptions(TypedDict, total=False):
     progress_every: int
     on_checkpoint: Callable[[int, Path], None] | None
     cancelled: Callable[[], bool]
+    validation: Sequence[Example]
+    on_evaluation: Callable[[Evaluation], None] | None
 
 
 def train(
@@ -181,12 +205,16 @@ def train(
     progress_every: int = 1,
     on_checkpoint: Callable[[int, Path], None] | None = None,
     cancelled: Callable[[], bool] = never_cancelled,
+    validation: Sequence[Example] = (),
+    on_evaluation: Callable[[Evaluation], None] | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter on `examples`; resume from the newest checkpoint in `checkpoint_dir`.
 
     `on_progress` gets every `progress_every`-th step and the last one; `on_checkpoint`
-    gets (step, folder) after each checkpoint is complete on disk. Raises
-    `TrainingDiverged` on a non-finite loss and `TrainingCancelled` when `cancelled()`.
+    gets (step, folder) after each checkpoint is complete on disk, `on_evaluation` each
+    evaluation on `validation` (before step 1 of a fresh run, then with each checkpoint and
+    the last step), before the checkpoint's own callback. Raises `TrainingDiverged` on a
+    non-finite loss and `TrainingCancelled` when `cancelled()`.
     """
     if not examples:
         raise ValueError("examples: expected at least one, got none")
@@ -194,17 +222,31 @@ def train(
         raise ValueError(f"progress_every: expected at least 1, got {progress_every}")
     backend = open_backend(Path(model_folder), config)
     rows = tokenize(backend.tokenizer, examples, config.max_length)
+    held_out = tokenize(backend.tokenizer, validation, config.max_length) if validation else []
+    order = BatchOrder(len(rows), config, [len(ids) for ids, _ in rows] if config.bucket_by_length else None)
+    evaluations: list[Evaluation] = []
+
+    def evaluated(step: int) -> None:
+        if held_out:
+            evaluations.append(evaluate(backend, held_out, config.batch_size, step))
+            if on_evaluation is not None:
+                on_evaluation(evaluations[-1])
+
     losses: list[float] = []
     tokens = 0
     start_step = 0
     checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None:
         start_step, losses, tokens = load_checkpoint(checkpoint, backend)
+    if start_step == 0:
+        evaluated(0)
+    elif start_step >= config.steps:
+        evaluated(config.steps)  # resumed after the last step: the result still says where it ended
     started = time.perf_counter()
     for step in range(start_step, config.steps):
         if cancelled():
             raise TrainingCancelled(step)
-        batch = [rows[i] for i in batch_indices(step, len(rows), config)]
+        batch = [rows[i] for i in order.indices(step)]
         learning_rate = config.learning_rate * lr_factor(step, config)
         loss = backend.loss(batch)
         # Checked before the update: a NaN gradient would spread through every factor.
@@ -217,8 +259,11 @@ def train(
         if on_progress is not None and (done % progress_every == 0 or done == config.steps):
             on_progress(Progress(done, loss, learning_rate, tokens, time.perf_counter() - started))
         # The last step is checkpointed too: a run resumed after it goes straight to the result.
-        if checkpoint_dir is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == config.steps):
-            folder = save_checkpoint(Path(checkpoint_dir), done, backend, losses, tokens)
+        checkpointing = checkpoint_dir is not None and checkpoint_every > 0
+        if (checkpointing and done % checkpoint_every == 0) or done == config.steps:
+            evaluated(done)
+        if checkpointing and (done % checkpoint_every == 0 or done == config.steps):
+            folder = save_checkpoint(Path(checkpoint_dir), done, backend, losses, tokens)  # type: ignore[arg-type]
             if on_checkpoint is not None:
                 on_checkpoint(done, folder)
     canonical = backend.factors()
@@ -230,7 +275,19 @@ def train(
         tokens=tokens,
         seconds=time.perf_counter() - started,
         resumed_from=start_step,
+        evaluations=tuple(evaluations),
     )
+
+
+def evaluate(backend: TrainerBackend, rows: Sequence[Row], batch_size: int, step: int) -> Evaluation:
+    """The adapter as it stands on held-out rows: mean target-token loss and greedy accuracy."""
+    loss_sum, correct, count = 0.0, 0, 0
+    # Sorted by length, so each batch pads little; the sums do not depend on the order.
+    ordered = sorted(rows, key=lambda row: len(row[0]))
+    for start in range(0, len(ordered), batch_size):
+        batch_loss, batch_correct, batch_count = backend.evaluate(ordered[start : start + batch_size])
+        loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, count + batch_count
+    return Evaluation(step, loss_sum / max(1, count), correct / max(1, count), count)
 
 
 def lr_factor(step: int, config: TrainingConfig) -> float:
@@ -247,15 +304,35 @@ def data_sha256(examples: Sequence[Example]) -> str:
     return hashlib.sha256(msgspec.json.encode(list(examples))).hexdigest()
 
 
-def batch_indices(step: int, count: int, config: TrainingConfig) -> list[int]:
-    """Which examples 0-based `step` trains on: a fresh seeded shuffle every pass over the data."""
-    start = step * config.batch_size
-    indices = []
-    for position in range(start, start + config.batch_size):
-        epoch, offset = divmod(position, count)
-        order = np.random.default_rng([config.seed, epoch]).permutation(count)
-        indices.append(int(order[offset]))
-    return indices
+def batch_indices(step: int, count: int, config: TrainingConfig, lengths: Sequence[int] | None = None) -> list[int]:
+    """Which examples 0-based `step` trains on: a fresh seeded shuffle every pass over the data,
+    sorted by length within windows of `BUCKET_BATCHES` batches when `lengths` are given."""
+    return BatchOrder(count, config, lengths).indices(step)
+
+
+class BatchOrder:
+    """`batch_indices` for every step of one run, each pass's order computed once."""
+
+    def __init__(self, count: int, config: TrainingConfig, lengths: Sequence[int] | None = None) -> None:
+        self.count, self.config, self.lengths = count, config, lengths
+        self._passes: dict[int, list[int]] = {}
+
+    def indices(self, step: int) -> list[int]:
+        start = step * self.config.batch_size
+        return [self._order(epoch)[offset]
+                for epoch, offset in (divmod(p, self.count) for p in range(start, start + self.config.batch_size))]
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._passes:
+            if len(self._passes) > 2:
+                self._passes.clear()  # a batch spans at most two passes
+            order = [int(i) for i in np.random.default_rng([self.config.seed, epoch]).permutation(self.count)]
+            if self.lengths is not None:
+                window, lengths = self.config.batch_size * BUCKET_BATCHES, self.lengths
+                # Stable sort: rows of one length keep their shuffled order.
+                order = [i for at in range(0, self.count, window) for i in sorted(order[at : at + window], key=lengths.__getitem__)]
+            self._passes[epoch] = order
+        return self._passes[epoch]
 
 
 def tokenize(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[Row]:

@@ -63,6 +63,24 @@ class MlxTrainer:
         (loss, _), self.pending = self.loss_and_grad(self.model, ids, bounds)
         return float(loss.item())
 
+    def evaluate(self, batch: Sequence[Row]) -> tuple[float, int, int]:
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        ids, _ = collate_mlx(batch, self.pad_id)
+        width = ids.shape[1]
+        labels = np.full((len(batch), width), IGNORE, dtype=np.int64)
+        for number, (_, row) in enumerate(batch):
+            labels[number, : len(row)] = row
+        # Position t predicts the token at t + 1.
+        logits = self.model(ids[:, :-1]).astype(mx.float32)
+        targets = labels[:, 1:]
+        scored = targets != IGNORE
+        safe = mx.array(np.where(scored, targets, 0))
+        losses = np.array(nn.losses.cross_entropy(logits, safe, reduction="none"))
+        predicted = np.array(mx.argmax(logits, axis=-1))
+        return float(losses[scored].sum()), int((predicted == targets)[scored].sum()), int(scored.sum())
+
     def update(self, learning_rate: float) -> None:
         import mlx.core as mx
         import mlx.optimizers as optim

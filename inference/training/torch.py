@@ -56,6 +56,19 @@ class TorchTrainer:
         self.pending = self.model(**tensors).loss
         return float(self.pending.item())
 
+    def evaluate(self, batch: Sequence[Row]) -> tuple[float, int, int]:
+        import torch
+
+        tensors = {name: tensor.to(self.device) for name, tensor in collate(batch, self.pad_id).items()}
+        with torch.no_grad():
+            logits = self.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+        # Position t predicts the token at t + 1.
+        logits, labels = logits[:, :-1].float(), tensors["labels"][:, 1:]
+        scored = labels != IGNORE
+        loss = torch.nn.functional.cross_entropy(logits[scored], labels[scored], reduction="sum")
+        correct = int((logits[scored].argmax(-1) == labels[scored]).sum())
+        return float(loss), correct, int(scored.sum())
+
     def update(self, learning_rate: float) -> None:
         import torch
 

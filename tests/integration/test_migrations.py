@@ -5,7 +5,7 @@ from genome_service.eventstore.migrations import check, downgrade, upgrade
 
 TABLES = {
     "events", "snapshots", "idempotency_keys", "projection_checkpoints",
-    "genomes", "genome_layer_refs", "layers", "personas", "academy_sessions", "api_keys", "recipes", "recipe_runs",
+    "genomes", "genome_layer_refs", "layers", "personas", "academy_sessions", "api_keys", "recipes", "recipe_runs", "training_files",
 }
 
 
