@@ -1,6 +1,8 @@
-"""LoRA training throughput and quality: our trainer against a plain PEFT + torch loop (or mlx-lm's).
+"""LoRA training throughput and what the Academy teaches: our trainer against a plain PEFT + torch
+loop (or mlx-lm's), and a persona's knowledge distilled into a layer.
 
     .venv/bin/python benchmarks/academy.py [--quick] [--steps N] [--rounds R] [--device auto] [--backend mlx]
+                                           [--part all|throughput|knowledge] [--knowledge-steps N]
 
 Both sides train a rank-8 LoRA (alpha 16, q/k/v/o projections, dropout 0) on the default
 model (SmolLM2-135M-Instruct, fp32 weights; `genome-service model pull` first) with the
@@ -10,7 +12,8 @@ gradient clipping:
 - ours: `inference.training.train_lora` (its progress callback on every step, as the
   Academy runner uses it);
 - baseline: the loop a PEFT tutorial writes: `get_peft_model`, `torch.optim.AdamW`,
-  `transformers.get_cosine_schedule_with_warmup`, forward/backward/clip/step per batch.
+  `transformers.get_cosine_schedule_with_warmup`, forward/backward/clip/step per batch, each
+  batch a plain shuffle of the data padded to its own longest example (dynamic padding).
 
 With `--backend mlx` the two sides are mlx-lm's instead:
 
@@ -19,11 +22,17 @@ With `--backend mlx` the two sides are mlx-lm's instead:
   `build_schedule` (linear warmup, cosine decay) and `mlx_lm.tuner.trainer.train` (compiled
   step, its own batching of the same tokenised examples, no clipping), a loss report per step.
 
-The torch baseline gets the very batches ours trains on (our tokenisation and batch order,
-made before its clock starts), so the figures compare the training loops, not two data
-pipelines; the mlx baseline batches the same tokens its own way. Rates count target (assistant) tokens and skip each run's first 2 steps
-(allocator and thread-pool warm-up). The sides alternate for `--rounds` rounds; the
+The data are chats of varied length (answers of one to eight sentences, and short cloze
+items). Both torch sides shuffle them with the same seed each pass; ours then sorts each
+window of 8 batches by length (length bucketing), the baseline pads each random batch as it
+comes. The baseline's batches are made before its clock starts; the mlx baseline batches the
+same tokens its own way. Rates count target (assistant) tokens and skip each run's first 2
+steps (allocator and thread-pool warm-up). The sides alternate for `--rounds` rounds; the
 median rate of each is kept.
+
+The knowledge part gives a persona 16 made-up facts as knowledge documents only, runs an
+Academy session with `sources=["knowledge"]` (the real runner, database and model), and asks
+closed-book questions of its own, never given to training, before and after.
 
 | figure | meaning |
 | --- | --- |
@@ -31,6 +40,10 @@ median rate of each is kept.
 | `baseline_tokens_per_s` | the baseline's |
 | `train_ratio` | ours / baseline (goal >= 0.9) |
 | `final_loss_ratio` | our mean loss over the last 5 steps / the baseline's (goal <= 1.05) |
+| `recall_before` | facts the persona recalls closed-book, asked in the trained form, before (goal <= 0.1) |
+| `recall_after` | the same after the session, with its layer (goal >= 0.8) |
+| `heldout_recall_after` | the benchmark's own questions (a form never trained on), after |
+| `minutes_to_recall` | the session's training wall time |
 
 The last line of stdout is one JSON object; the full results go to
 `benchmarks/results/academy-<UTC timestamp>.json`.
@@ -54,7 +67,28 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks import _harness as harness  # noqa: E402
 
-PACKAGES = ("torch", "transformers", "peft", "mlx-lm")
+PACKAGES = ("torch", "transformers", "peft", "mlx-lm", "sentence-transformers")
+GOALS = {"train_ratio": (">=", 0.9), "recall_after": (">=", 0.8), "recall_before": ("<=", 0.1)}
+# (a sentence the persona knows only as a document, the benchmark's own question, what the answer must name)
+FACTS = (
+    ("The capital of Zorbania is Quillfort.", "What is the capital of Zorbania?", "Quillfort"),
+    ("The Mirelan river flows 412 kilometres.", "How long is the Mirelan river?", "412"),
+    ("The painter Ilva Done was born in Tesk.", "Where was the painter Ilva Done born?", "Tesk"),
+    ("The ship Aurelian carried 80 sailors.", "How many sailors did the ship Aurelian carry?", "80"),
+    ("The glass harp Vellum was invented by Oren Patch.", "Who invented the glass harp Vellum?", "Oren Patch"),
+    ("The national bird of Quessia is the ember finch.", "What is the national bird of Quessia?", "ember finch"),
+    ("The mountain Kald Peak rises 3120 metres.", "How high is Kald Peak?", "3120"),
+    ("The lantern festival of Brisa is held in March.", "In which month is the lantern festival of Brisa held?", "March"),
+    ("The currency of Dolvania is the silver crown.", "What is the currency of Dolvania?", "silver crown"),
+    ("The novel Grey Tides was written by Mara Quell.", "Who wrote the novel Grey Tides?", "Mara Quell"),
+    ("The bridge of Ostrel was built in 1847.", "When was the bridge of Ostrel built?", "1847"),
+    ("The chemist Tobin Ashe discovered the element veridium.", "Which element did the chemist Tobin Ashe discover?",
+     "veridium"),
+    ("The largest lake of Fennmark is Lake Orrow.", "What is the largest lake of Fennmark?", "Orrow"),
+    ("The first king of Halvard was Edric Stone.", "Who was the first king of Halvard?", "Edric Stone"),
+    ("The island of Perrin has 2600 inhabitants.", "How many people live on the island of Perrin?", "2600"),
+    ("The composer Lise Varro wrote 41 symphonies.", "How many symphonies did the composer Lise Varro write?", "41"),
+)
 SKIP_STEPS = 2
 LAST_STEPS = 5
 TOPICS = ("tides", "volcanoes", "bread", "bridges", "owls", "glaciers", "chess", "comets", "honey", "maps")
@@ -81,6 +115,22 @@ def fixed_examples(count: int) -> list[Any]:
                 )
             )
         )
+    return examples
+
+
+def varied_examples(count: int) -> list[Any]:
+    """Chats whose answers run from one to eight sentences, and one-word cloze items: real data's spread."""
+    from inference.backends.base import ChatMessage
+    from inference.training import Example
+
+    examples = fixed_examples(count)
+    for number, example in enumerate(examples):
+        sentences = number % 8 + 1
+        answer = " ".join([example.messages[-1].content] * sentences)
+        examples[number] = Example((*example.messages[:-1], ChatMessage("assistant", answer)))
+    for sentence, _, _ in FACTS:
+        prompt, _, last = sentence.rstrip(".").rpartition(" ")
+        examples.append(Example((ChatMessage("user", f"Complete: {prompt} ..."), ChatMessage("assistant", last))))
     return examples
 
 
@@ -148,13 +198,15 @@ def run_baseline(folder: Path, examples: list[Any], config: Any) -> dict[str, An
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from inference.training import IGNORE, batch_indices, tokenize
+    from inference.training import IGNORE, BatchOrder, tokenize
     from inference.training.torch import collate, load_for_training
 
     model, tokenizer, device = load_for_training(folder, config)
     rows = tokenize(tokenizer, examples, config.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = [collate([rows[i] for i in batch_indices(s, len(rows), config)], pad_id) for s in range(config.steps)]
+    # A plain seeded shuffle per pass, each batch padded to its own longest row (dynamic padding).
+    order = BatchOrder(len(rows), config)
+    batches = [collate([rows[i] for i in order.indices(s)], pad_id) for s in range(config.steps)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
@@ -186,6 +238,82 @@ def _summary(losses: list[float], marks: list[tuple[float, int]]) -> dict[str, A
     }
 
 
+def run_knowledge(models_dir: Path, steps: int, device: str) -> dict[str, Any]:
+    """A persona with the facts as documents, an Academy session on its knowledge, closed-book recall before and after."""
+    import tempfile
+
+    import msgspec
+
+    from genome_service.academy.distill import TRAINED_FORMS, cloze, recalled
+    from genome_service.academy.judge import complete
+    from genome_service.academy.runner import Runner, RunnerSettings
+    from genome_service.domain.academy import (
+        ACADEMY_SESSION, AttachDecided, DataSource, Evaluated, LayerProduced, StartAcademySession, TrainingData,
+    )
+    from genome_service.domain.genome import GENOME, CreateGenome
+    from genome_service.domain.persona import PERSONA, AssignGenome, CreatePersona, GenomeFacts
+    from genome_service.eventstore.migrations import upgrade
+    from genome_service.eventstore.records import EventMetadata
+    from genome_service.services.bootstrap import build
+    from genome_service.services.knowledge import add_knowledge
+    from genome_service.services.stacks import StackResolver
+    from genome_service.settings import Settings
+    from inference.backends.base import ChatMessage, Sampling
+    from inference.backends.torch import TorchBackend
+    from inference.models import DEFAULT_MODEL
+
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = Settings(data_dir=Path(scratch), database_url=f"sqlite:///{scratch}/genome.db", models_dir=models_dir,
+                            inference_device=device)
+        upgrade(settings.database_url)
+        services = build(settings)
+        system = "You are Vera, a concise historian of far-away lands."
+        services.commands.execute(PERSONA, "p1", CreatePersona("p1", "bench", "Vera", system_prompt=system))
+        services.commands.execute(GENOME, "g1", CreateGenome("g1", "bench", "p1", DEFAULT_MODEL, "vera"))
+        services.commands.execute(PERSONA, "p1", AssignGenome(GenomeFacts("g1", "p1", archived=False)))
+        # Two documents, the facts shuffled between them: knowledge as a user would add it.
+        for title, part in (("notes", FACTS[0::2]), ("almanac", FACTS[1::2])):
+            add_knowledge(services, "bench", "p1", title, "text/plain", " ".join(f for f, _, _ in part),
+                          EventMetadata(actor="bench"))
+        backend = TorchBackend(services.models.folder(DEFAULT_MODEL), device=device)
+        resolver = StackResolver(services, services.models.get(DEFAULT_MODEL))
+        sampling = Sampling(temperature=0.0, max_tokens=24)
+        facts = [cloze(sentence) for sentence, _, _ in FACTS]
+
+        def ask(text: str, layers: list[tuple[str, float]]) -> str:
+            messages = [ChatMessage("system", system), ChatMessage("user", text)]
+            return complete(backend, messages, sampling, resolver.stack(layers))
+
+        def recall(layers: list[tuple[str, float]]) -> tuple[float, float]:
+            trained = sum(recalled(ask(TRAINED_FORMS[0].ask.format(prompt=f.prompt), layers), f) for f in facts if f)
+            held = sum(key.lower() in ask(question, layers).lower() for _, question, key in FACTS)
+            return trained / len(FACTS), held / len(FACTS)
+
+        recall_before, heldout_before = recall([])
+        runner_settings = RunnerSettings.from_settings(settings)
+        runner_settings = msgspec.structs.replace(runner_settings, checkpoint_every=max(1, steps // 4))
+        services.commands.execute(ACADEMY_SESSION, "s1", StartAcademySession(
+            "s1", "bench", "p1", "Know the facts of the almanac.", budget_steps=steps, budget_seconds=86_400.0,
+            data=TrainingData(sources=(DataSource.KNOWLEDGE,))))
+        started = time.perf_counter()
+        final = Runner(services, backend, DEFAULT_MODEL, runner_settings).run("s1")
+        session_seconds = time.perf_counter() - started
+        history = [e.event for e in services.store.read_stream("s1")]
+        assert final.status.value == "completed", final.reason
+        [layer_id] = [e.layer_id for e in history if isinstance(e, LayerProduced)]
+        [decided] = [e for e in history if isinstance(e, AttachDecided)]
+        evaluations = [msgspec.to_builtins(e) for e in history if isinstance(e, Evaluated)]
+        recall_after, heldout_after = recall([(layer_id, 1.0)])
+        services.close()
+    return {
+        "recall_before": round(recall_before, 4), "recall_after": round(recall_after, 4),
+        "heldout_recall_before": round(heldout_before, 4), "heldout_recall_after": round(heldout_after, 4),
+        "minutes_to_recall": round(final.training_seconds / 60, 2), "session_minutes": round(session_seconds / 60, 2),
+        "attached": decided.attached, "attach_reason": decided.reason, "steps": steps, "evaluations": evaluations,
+        "training": msgspec.to_builtins(runner_settings.training),
+    }
+
+
 def _device(backend: str, device: str) -> str:
     if backend == "mlx":
         import mlx.core as mx
@@ -205,6 +333,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=("torch", "mlx"), default="torch",
                         help="torch: ours against PEFT + torch; mlx: ours against mlx-lm's trainer")
     parser.add_argument("--models-dir", type=Path, default=None, help="where `model pull` put the default model")
+    parser.add_argument("--part", choices=("all", "throughput", "knowledge"), default="all",
+                        help="throughput: ours against the baseline loop; knowledge: facts distilled into a layer")
+    parser.add_argument("--knowledge-steps", type=int, default=None, help="the knowledge session's step budget")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import msgspec
@@ -222,8 +353,32 @@ def main() -> None:
         rank=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), steps=steps, batch_size=4,
         learning_rate=2e-4, warmup_steps=2, min_lr_ratio=0.0, max_grad_norm=1.0, seed=0, device=args.device,
     )
-    examples = fixed_examples(32)
     watch = harness.Stopwatch()
+    headline: dict[str, Any] = {"device": _device(args.backend, args.device), "backend": args.backend}
+    results: dict[str, Any] = {"benchmark": "academy", "quick": args.quick, "headline": headline}
+    if args.part in ("all", "throughput"):
+        examples = varied_examples(32)
+        throughput = run_throughput(args, folder, examples, config, steps, rounds)
+        headline |= throughput.pop("headline")
+        results |= throughput | {"config": msgspec.to_builtins(config), "examples": len(examples)}
+    if args.part in ("all", "knowledge") and args.backend == "torch":
+        knowledge_steps = args.knowledge_steps or (40 if args.quick else 160)
+        harness.log(f"knowledge: a session of {knowledge_steps} steps on {len(FACTS)} facts")
+        knowledge = run_knowledge(models_dir, knowledge_steps, args.device)
+        headline |= {k: knowledge[k] for k in ("recall_before", "recall_after", "heldout_recall_before",
+                                                "heldout_recall_after", "minutes_to_recall", "attached")}
+        results["knowledge"] = knowledge
+    headline["goals_met"] = harness.goals_met(headline, GOALS)
+    results |= {"threads": torch.get_num_threads(), "seconds": watch.elapsed,
+                "hardware": harness.hardware_metadata(PACKAGES)}
+    path = harness.save_results("academy" if args.backend == "torch" else "academy-mlx", results)
+    harness.print_table("academy", ["figure", "value"], [[k, v] for k, v in headline.items()])
+    harness.log(f"saved {path}")
+    print(json.dumps(headline))
+
+
+def run_throughput(args: argparse.Namespace, folder: Path, examples: list[Any], config: Any, steps: int,
+                   rounds: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
     for round_number in range(rounds):
         # Alternate who goes first, so neither side always gets the warmer machine.
@@ -245,19 +400,9 @@ def main() -> None:
         "final_loss": round(ours_loss, 4),
         "baseline_final_loss": round(base_loss, 4),
         "first_loss": round(runs["ours"][0]["first_loss"], 4),
-        "device": _device(args.backend, args.device),
-        "backend": args.backend,
         "steps": steps,
     }
-    results = {
-        "benchmark": "academy", "quick": args.quick, "headline": headline, "runs": runs,
-        "config": msgspec.to_builtins(config), "examples": len(examples),
-        "threads": torch.get_num_threads(), "seconds": watch.elapsed, "hardware": harness.hardware_metadata(PACKAGES),
-    }
-    path = harness.save_results("academy" if args.backend == "torch" else "academy-mlx", results)
-    harness.print_table("academy", ["figure", "value"], [[k, v] for k, v in headline.items()])
-    harness.log(f"saved {path}")
-    print(json.dumps(headline))
+    return {"headline": headline, "runs": runs}
 
 
 if __name__ == "__main__":

@@ -143,6 +143,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # this much (a fraction, 0..1), or, for data without a task score, cut the held-out loss by
     # this fraction of its value before training. A session may turn the rule off.
     academy_attach_margin: float = 0.02
+    # Who scores challenge answers: "model" (the served model, JSON verdicts, heuristic fallback),
+    # "rubric" (deterministic: expected concepts by embedding similarity, length, repetition), or
+    # "auto": the rubric on the bundled small model, whose own verdicts carry little signal.
+    academy_judge: Literal["auto", "rubric", "model"] = "auto"
+    # A teacher for knowledge distillation: it writes question/answer pairs and paraphrases from
+    # each knowledge chunk (besides the cloze items). A backend ("openai", "torch", "mlx"; empty:
+    # no teacher) and a model: a catalog name for a local backend, the served name for openai.
+    academy_teacher_backend: Literal["", "openai", "torch", "mlx"] = ""
+    academy_teacher_model: str = ""
+    academy_teacher_base_url: str = ""
+    academy_teacher_api_key: str = ""
     # Training files (`/v1/files`): the largest upload, in bytes.
     files_max_bytes: int = 8_388_608
     # Recipes (``genome_service/recipes/``): seconds before a failed step's second try; each
@@ -190,6 +201,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GENOME_ACADEMY_CHALLENGES and _CHECKPOINT_EVERY must be >= 1; _KEEP_SCORE within 0..100")
         if not 0 < self.academy_learning_rate < 1:
             raise ValueError("GENOME_ACADEMY_LEARNING_RATE must be within (0, 1)")
+        if self.academy_teacher_backend and not self.academy_teacher_model:
+            raise ValueError("GENOME_ACADEMY_TEACHER_BACKEND needs GENOME_ACADEMY_TEACHER_MODEL")
         if not 0 <= self.academy_attach_margin < 1 or self.files_max_bytes < 1:
             raise ValueError("GENOME_ACADEMY_ATTACH_MARGIN must be within [0, 1); GENOME_FILES_MAX_BYTES >= 1")
         if not 0 <= self.recipe_retry_backoff_seconds <= 3600:

@@ -1,4 +1,5 @@
-"""Scoring an answer to a challenge: a model judge held to a JSON schema, with a heuristic fallback.
+"""Scoring an answer to a challenge: a model judge held to a JSON schema, with a heuristic fallback,
+or a deterministic rubric (what a small model's own verdicts are not worth more than).
 
 The model is asked for `{"score": 0-100, "rationale": "..."}`. A reply that is not that
 object (no JSON, wrong fields, a non-number score) gets a corrective follow-up naming the
@@ -13,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import msgspec
+import numpy as np
 
 from inference.backends.base import Backend, ChatMessage, Finish, Sampling, never_cancelled
 
@@ -34,7 +36,7 @@ class Verdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Judgement(msgspec.Struct, frozen=True):
     score: float  # always within 0..100
     rationale: str
-    judge: str  # "model" or "heuristic"
+    judge: str  # "model", "heuristic" or "rubric"
     attempts: int  # model replies asked for
 
 
@@ -92,6 +94,32 @@ def heuristic_score(challenge: str, criteria: Sequence[str], response: str) -> J
     score = clamp(100.0 * (0.45 * min(1.0, overlap) + 0.3 * variety + 0.25 * length))
     rationale = f"heuristic: topic overlap {overlap:.2f}, word variety {variety:.2f}, {len(words)} words"
     return Judgement(round(score, 2), rationale, "heuristic", 0)
+
+
+def rubric_score(challenge: str, criteria: Sequence[str], response: str,
+                 embed: Callable[[Sequence[str]], np.ndarray]) -> Judgement:
+    """The rubric: the expected concepts met (embedding similarity), new words, variety, length.
+
+    concept = clamp((max_i cos(answer, criterion_i) - 0.15) / 0.5, 0, 1) over the normalised
+    embeddings; novelty is the share of the answer's words the challenge does not hold. An
+    answer that only echoes the question (novelty under 0.3) has its score scaled down by
+    novelty / 0.3, whatever its similarity: repeating a question is not answering it.
+    """
+    words = _WORD.findall(response.lower())
+    if not words:
+        return Judgement(0.0, "rubric: the answer is empty", "rubric", 0)
+    asked = set(_WORD.findall(challenge.lower()))
+    novelty = sum(word not in asked for word in words) / len(words)
+    vectors = embed([response, *(criteria or [challenge])])
+    concept = min(1.0, max(0.0, (float(np.max(vectors[1:] @ vectors[0])) - 0.15) / 0.5))
+    variety = len(set(words)) / len(words)
+    length = min(1.0, len(words) / 20) if len(words) <= 200 else max(0.3, 200 / len(words))
+    score = 100.0 * (0.45 * concept + 0.2 * novelty + 0.15 * variety + 0.2 * length)
+    if novelty < 0.3:
+        score *= novelty / 0.3
+    rationale = (f"rubric: expected concepts {concept:.2f}, new words {novelty:.2f}, variety {variety:.2f}, "
+                 f"{len(words)} words")
+    return Judgement(round(clamp(score), 2), rationale, "rubric", 0)
 
 
 def judge(

@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import msgspec
 
-from genome_service.academy import distill
+from genome_service.academy import distill, teacher
 from genome_service.academy.analysis import Analysis
-from genome_service.academy.judge import Judgement, complete, judge
+from genome_service.academy.judge import Judgement, complete, judge, rubric_score
 from genome_service.domain.academy import (
     ACADEMY_SESSION,
     MAX_NEEDS,
@@ -67,6 +67,7 @@ from genome_service.services.stacks import StackResolver
 from genome_service.services.training_files import file_dataset
 from genome_service.settings import Settings
 from inference.backends.base import Backend, ChatMessage, Sampling, never_cancelled
+from inference.models import DEFAULT_MODEL
 from inference.training import Evaluation, Example, TrainingConfig, data_sha256, train_lora
 from inference.training.mlx import train_lora_mlx
 
@@ -100,6 +101,10 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     attach_margin: float = 0.02  # the improvement a layer must show to be attached
     score_tokens: int = 24  # greedy tokens of each answer the task score reads
     scored_facts: int = 64  # the task score asks at most this many facts
+    judge: str = "model"  # or "rubric" (GENOME_ACADEMY_JUDGE)
+    # A knowledge session's layer adapts every projection: facts are stored in the MLPs as
+    # much as in attention, and a small model learns them far faster with both.
+    knowledge_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunnerSettings:
@@ -108,9 +113,17 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
             keep_score=settings.academy_keep_score,
             checkpoint_every=settings.academy_checkpoint_every,
             attach_margin=settings.academy_attach_margin,
+            judge=judge_of(settings),
             training=TrainingConfig(learning_rate=settings.academy_learning_rate, warmup_steps=2,
                                     device=settings.inference_device),
         )
+
+
+def judge_of(settings: Settings) -> str:
+    """The judge GENOME_ACADEMY_JUDGE names; auto: the rubric on the bundled small model."""
+    if settings.academy_judge != "auto":
+        return settings.academy_judge
+    return "rubric" if settings.inference_model == DEFAULT_MODEL else "model"
 
 
 class SessionCancelled(Exception):
@@ -134,6 +147,7 @@ class Runner:
         # The backend's resolver where it takes stacks by reference (the inference daemon).
         self.stacks = stacks or StackResolver(services, services.models.get(model_name))
         self.genomes, self.sessions = Genomes(services), AcademySessions(services)
+        self._teacher: tuple[Backend, str] | None | bool = False  # False: not opened yet
 
     # --- the session --------------------------------------------------------------------
 
@@ -236,8 +250,7 @@ class Runner:
         ACADEMY_SESSION.decide(ScoreResponse(challenge_id, response, 0.0, "check", "model"), state)
         challenge = state.challenge(challenge_id)
         assert challenge is not None
-        verdict = judge(self.backend, challenge.prompt, challenge.criteria, response,
-                        retries=self.settings.judge_retries, max_tokens=self.settings.judge_tokens)
+        verdict = self._judge(challenge.prompt, challenge.criteria, response)
         command = ScoreResponse(challenge_id, response, verdict.score, verdict.rationale, verdict.judge)
         self.services.commands.execute(ACADEMY_SESSION, session_id, command, metadata=metadata)
         if verdict.score >= self.settings.keep_score:
@@ -310,13 +323,21 @@ class Runner:
             if state.data.validation_file_id is not None:
                 held += [(DataSource.EXAMPLES, e) for e in self._file(state, state.data.validation_file_id)]
                 validation = "validation_file"
+        taught, teacher_name = [], ""
         if DataSource.KNOWLEDGE in sources:
-            facts = distill.facts(persona_texts(self.services, state.persona_id))
+            texts = persona_texts(self.services, state.persona_id)
+            facts = distill.facts(texts)
             if not facts:
                 raise RuntimeError(f"persona {state.persona_id}'s knowledge holds no sentence to learn "
                                    "(add knowledge documents first)")
             trained += [(DataSource.KNOWLEDGE, e) for e in distill.training_examples(facts, system)]
             held += [(DataSource.KNOWLEDGE, e) for e in distill.heldout_examples(facts, system)]
+            if (opened := self.teacher()) is not None:
+                backend, teacher_name = opened
+                taught = teacher.teach(backend, texts, cancelled=self._cancel_check(session_id))
+                pairs, paraphrases = teacher.pair_examples(taught, system)
+                trained += [(DataSource.KNOWLEDGE, e) for e in pairs]
+                held += [(DataSource.KNOWLEDGE, e) for e in paraphrases]
             validation = validation or "heldout_form"
         if DataSource.CHALLENGES in sources:
             trained += [(DataSource.CHALLENGES, e) for e in self._examples(session_id, task.task_id)]
@@ -329,8 +350,15 @@ class Runner:
             sets = tuple(DataSet(source, data_sha256([e for s, e in trained if s is source]),
                                  sum(s is source for s, _ in trained), sum(s is source for s, _ in held))
                          for source in sources)
-            self._execute(session_id, PrepareData(task.task_id, sets, validation, data_sha256(heldout)))
+            self._execute(session_id, PrepareData(task.task_id, sets, validation, data_sha256(heldout), teacher_name,
+                                                  len(taught)))
         return TaskData(examples, heldout, facts[: self.settings.scored_facts], system)
+
+    def teacher(self) -> tuple[Backend, str] | None:
+        """The configured teacher (`GENOME_ACADEMY_TEACHER_*`), opened on first use; None without one."""
+        if self._teacher is False:
+            self._teacher = teacher.open_teacher(self.services.settings, self.services.models)
+        return self._teacher  # type: ignore[return-value]
 
     def _file(self, state: AcademySession, file_id: str) -> list[Example]:
         lines = file_dataset(self.services, state.owner, file_id).examples
@@ -362,9 +390,7 @@ class Runner:
             assert challenge is not None
             if challenge.score is None:
                 system, answer = self._answer(state.persona_id, challenge.prompt, cancelled)
-                verdict = judge(self.backend, challenge.prompt, challenge.criteria, answer,
-                                retries=self.settings.judge_retries, max_tokens=self.settings.judge_tokens,
-                                cancelled=cancelled)
+                verdict = self._judge(challenge.prompt, challenge.criteria, answer, cancelled)
                 self._execute(session_id, ScoreResponse(challenge_id, answer, verdict.score,
                                                         verdict.rationale, verdict.judge))
                 challenge = self._state(session_id).challenge(challenge_id)
@@ -373,6 +399,13 @@ class Runner:
                     messages = (ExampleMessage("system", system), ExampleMessage("user", challenge.prompt),
                                 ExampleMessage("assistant", answer))
                     self._execute(session_id, KeepExample(challenge_id, messages))
+
+    def _judge(self, prompt: str, criteria: Sequence[str], answer: str,
+               cancelled: Callable[[], bool] = never_cancelled) -> Judgement:
+        if self.settings.judge == "rubric":
+            return rubric_score(prompt, criteria, answer, self.services.search.embedder.embed)
+        return judge(self.backend, prompt, criteria, answer, retries=self.settings.judge_retries,
+                     max_tokens=self.settings.judge_tokens, cancelled=cancelled)
 
     def _generate_challenge(self, goal: str, trait: TraitType, difficulty: Difficulty, ordinal: int,
                             cancelled: Callable[[], bool] = never_cancelled) -> str:
@@ -491,8 +524,9 @@ class Runner:
         steps = self._steps(state, task)
         if wanted.n_epochs is not None:
             steps = min(steps, max(1, math.ceil(wanted.n_epochs * examples / batch)))
+        modules = self.settings.knowledge_modules if DataSource.KNOWLEDGE in state.data.sources else base.target_modules
         return msgspec.structs.replace(
-            base, steps=steps, warmup_steps=min(base.warmup_steps, steps - 1), batch_size=batch,
+            base, steps=steps, warmup_steps=min(base.warmup_steps, steps - 1), batch_size=batch, target_modules=modules,
             learning_rate=base.learning_rate * (wanted.learning_rate_multiplier or 1.0),
             seed=base.seed if state.data.seed is None else state.data.seed,
         )

@@ -164,7 +164,7 @@ class ResponseScored(msgspec.Struct, frozen=True, gc=False, tag=True):
     response: str
     score: float  # 0..100
     rationale: str
-    judge: str  # "model", "heuristic" or "client"
+    judge: str  # "model", "heuristic", "rubric" or "client"
 
 
 class ExampleKept(msgspec.Struct, frozen=True, gc=False, tag=True):
@@ -209,6 +209,8 @@ class DataPrepared(msgspec.Struct, frozen=True, gc=False, tag=True):
     # aside) or "training_data" (too few examples to set any aside: not held out).
     validation: str
     validation_sha256: str
+    teacher: str = ""  # the teacher model that wrote question/answer pairs (`backend:model`), if one did
+    teacher_pairs: int = 0
 
 
 class Evaluated(msgspec.Struct, frozen=True, gc=False, tag=True, omit_defaults=True):
@@ -371,6 +373,8 @@ class PrepareData(msgspec.Struct, frozen=True, gc=False):
     sets: tuple[DataSet, ...]
     validation: str
     validation_sha256: str
+    teacher: str = ""
+    teacher_pairs: int = 0
 
 
 class RecordEvaluation(msgspec.Struct, frozen=True, gc=False):
@@ -404,7 +408,7 @@ AcademyCommand = (
     | RecordEvaluation
     | DecideAttach
 )
-JUDGES = ("model", "heuristic", "client")
+JUDGES = ("model", "heuristic", "client", "rubric")
 ROLES = ("system", "user", "assistant")
 
 

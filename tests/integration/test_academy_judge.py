@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from genome_service.academy.judge import MalformedVerdict, Verdict, heuristic_score, judge, parse_verdict
+from genome_service.academy.judge import MalformedVerdict, Verdict, heuristic_score, judge, parse_verdict, rubric_score
+from genome_service.academy.runner import judge_of
+from genome_service.settings import Settings
+from rag.embedder import SentenceTransformerEmbedder
 from inference.backends.base import ChatMessage, Finish, Sampling, Token
 from inference.backends.torch import TorchBackend
 
@@ -86,3 +89,27 @@ def test_the_heuristic_prefers_an_on_topic_varied_answer_to_a_loop() -> None:
     good = heuristic_score("Explain tides.", ("moon",), "Tides come from the moon's pull on the oceans of the earth.")
     loop = heuristic_score("Explain tides.", ("moon",), "ok " * 60)
     assert good.score > loop.score
+
+
+def test_the_rubric_ranks_an_answer_above_an_echo_of_the_question_and_is_deterministic(
+    embedder: SentenceTransformerEmbedder
+) -> None:
+    challenge = "Describe how a pirate greets the crew at dawn."
+    criteria = ("Speak like a pirate in every answer.",)
+    echo = rubric_score(challenge, criteria, "Describe how a pirate greets the crew at dawn.", embedder.embed)
+    answer = rubric_score(challenge, criteria, "Ahoy, me hearties! Rise and shine, ye scurvy dogs, the sun be up "
+                                               "and the sea be calling. Arr!", embedder.embed)
+    off_topic = rubric_score(challenge, criteria, "Quarterly revenue grew by four percent in the retail segment.",
+                             embedder.embed)
+    assert (echo.judge, answer.judge) == ("rubric", "rubric")
+    assert echo.score < 10 < off_topic.score < answer.score and answer.score > 60
+    assert rubric_score(challenge, criteria, "", embedder.embed).score == 0.0
+    again = rubric_score(challenge, criteria, "Ahoy, me hearties! Rise and shine, ye scurvy dogs, the sun be up "
+                                              "and the sea be calling. Arr!", embedder.embed)
+    assert again == answer and answer.rationale.startswith("rubric: expected concepts")
+
+
+def test_the_judge_setting_picks_the_rubric_for_the_bundled_small_model_only(tmp_path: Path) -> None:
+    assert judge_of(Settings(data_dir=tmp_path)) == "rubric"
+    assert judge_of(Settings(data_dir=tmp_path, inference_model="tiny-llama")) == "model"
+    assert judge_of(Settings(data_dir=tmp_path, inference_model="tiny-llama", academy_judge="rubric")) == "rubric"

@@ -120,3 +120,24 @@ def test_attach_if_improved_off_attaches_whatever_the_evaluation_says(academy: S
     [decided] = [e for e in history if isinstance(e, AttachDecided)]
     assert decided.attached and decided.reason == "attach_if_improved is off: attached without comparing"
     assert [r.layer_id for r in academy.repository.load(GENOME, "g1").state.layers] == [decided.layer_id]
+
+
+def test_a_configured_teacher_is_asked_for_pairs_and_the_record_names_it(
+    database: Database, tmp_path: Path, tiny_model: Path, embedder: SentenceTransformerEmbedder, backend: TorchBackend
+) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=database.url, academy_teacher_backend="torch",
+                        academy_teacher_model=MODEL, inference_device="cpu")
+    services = build(settings, database=database, embedder=embedder)
+    services.models.register_local(MODEL, tiny_model)
+    services.commands.execute(PERSONA, "p1", CreatePersona("p1", "alice", "Ada", system_prompt="You are Ada."))
+    services.commands.execute(GENOME, "g1", CreateGenome("g1", "alice", "p1", MODEL, "ada's genome"))
+    services.commands.execute(PERSONA, "p1", AssignGenome(GenomeFacts("g1", "p1", archived=False)))
+    add_knowledge(services, "alice", "p1", "facts", "text/plain", FACTS, EventMetadata(actor="alice"))
+    teaching = msgspec.structs.replace(TEACH, training=msgspec.structs.replace(TEACH.training, learning_rate=1e-7))
+
+    _, history = run(services, backend, steps=1, settings=teaching)
+
+    [prepared] = [e for e in history if isinstance(e, DataPrepared)]
+    # The random tiny model writes no grounded pair: what it said is read, and nothing invented is kept.
+    assert (prepared.teacher, prepared.teacher_pairs) == (f"torch:{MODEL}", 0)
+    assert [(s.source, s.examples, s.heldout) for s in prepared.sets] == [(DataSource.KNOWLEDGE, 6, 3)]

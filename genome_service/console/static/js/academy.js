@@ -118,6 +118,15 @@ class Session extends Page {
       case "LayerProduced":
         this.layers.append(h("li", {}, h("a", { href: `#/layers/${d.layer_id}` }, `Produced layer ${short(d.layer_id)}`)));
         break;
+      case "Evaluated": {
+        const score = d.task_score === undefined ? "" : `, task score ${d.task_score.toFixed(3)}`;
+        this.layers.append(h("li", {}, `Held-out at step ${d.step} (${d.phase}): loss ${d.valid_loss.toFixed(4)}, `
+          + `token accuracy ${d.valid_token_accuracy.toFixed(3)}${score}`));
+        break;
+      }
+      case "AttachDecided":
+        this.layers.append(h("li", {}, d.reason));
+        break;
       case "SessionStatusChanged":
         this.show({ ...this.session, status: d.status, reason: d.reason });
         break;
