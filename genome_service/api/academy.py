@@ -20,8 +20,10 @@ from genome_service.academy.shared_engine import SharedEngine
 from genome_service.api.conventions import created, sse_messages, with_etag
 from genome_service.api.openapi import SSE, document_json_or_sse
 from genome_service.domain.academy import (
+    MAX_BATCH_SIZE,
     MAX_BUDGET_SECONDS,
     MAX_BUDGET_STEPS,
+    MAX_EPOCHS,
     DataSource,
     Difficulty,
     Hyperparameters,
@@ -32,6 +34,12 @@ from genome_service.domain.layer import TraitType
 from genome_service.services.academy_sessions import AcademySessions, Session
 from genome_service.services.context import Caller, Command
 from genome_service.services.reads import MAX_PAGE, EventView, Page
+
+
+class HyperparametersBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    n_epochs: Annotated[int, msgspec.Meta(ge=1, le=MAX_EPOCHS)] | None = None
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SIZE)] | None = None
+    learning_rate_multiplier: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
 
 
 class SessionCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -46,9 +54,9 @@ class SessionCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     validation_file_id: str | None = None
     # Attach the layer only if the held-out evaluation says it improved the persona.
     attach_if_improved: bool = True
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     # OpenAI's names: passes over the data, examples per step, a multiple of the academy's learning rate.
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: HyperparametersBody | None = None
 
 
 class ChallengeCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -94,7 +102,8 @@ class AcademyController(Controller):
         the challenge and judge loop."""
         training = TrainingData(sources=tuple(data.sources), training_file_id=data.training_file_id,
                                 validation_file_id=data.validation_file_id, attach_if_improved=data.attach_if_improved,
-                                seed=data.seed, hyperparameters=data.hyperparameters or Hyperparameters())
+                                seed=data.seed, hyperparameters=Hyperparameters(**msgspec.structs.asdict(data.hyperparameters))
+                                if data.hyperparameters else Hyperparameters())
         session = self.sessions.start(command, data.persona_id, data.goal, target_similarity=data.target_similarity,
                                       budget_steps=data.budget_steps, budget_seconds=data.budget_seconds, data=training)
         return created(session, _location)

@@ -41,7 +41,7 @@ REQUEST_TYPES = (
     genomes.GenomeCreate, genomes.GenomeUpdate, genomes.LayerWeight, genomes.LayerAttachment,
     genomes.LayerStack, genomes.GenomeFork, layers.LayerUpdate, search.LayerSearch, search.KnowledgeCreate,
     chat.ChatCreate, chat.ChatMessageIn, openai_compat.CompletionCreate, openai_compat.StreamOptions,
-    academy.SessionCreate, academy.ChallengeCreate, academy.ResponseCreate,
+    academy.SessionCreate, academy.HyperparametersBody, academy.ChallengeCreate, academy.ResponseCreate,
     fine_tuning.JobCreate, fine_tuning.HyperparametersIn, fine_tuning.MethodIn, fine_tuning.SupervisedIn,
     recipes.RecipeCreate, recipes.RecipeRevision, recipes.RunCreate,
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 # A path parameter -> the kind of resource it names (the `<kind>_not_found` and `<kind>_archived` rules).
 KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
          "conversation_id": "conversation", "session_id": "academy_session", "challenge_id": "challenge",
-         "recipe_id": "recipe", "run_id": "recipe_run"}
+         "recipe_id": "recipe", "run_id": "recipe_run", "file_id": "file", "job_id": "fine_tuning_job"}
 
 SHARED: dict[int, tuple[str, ...]] = {
     400: ("bad_request",), 401: ("unauthorized",), 404: ("not_found",), 429: ("rate_limited",),
@@ -55,6 +55,15 @@ DEFINITION = ("steps_out_of_range", "inputs_out_of_range", "description_too_long
               "reference_to_later_step", "reference_to_missing_step", "command_unknown", "step_not_async",
               "param_unknown", "param_missing", "param_invalid")
 
+# A session's training data (domain/academy.py `_require_data`) and its files.
+TRAINING_DATA = ("sources_invalid", "training_file_mismatch", "validation_file_without_training_file", "persona_required",
+                 "n_epochs_out_of_range", "batch_size_out_of_range", "learning_rate_multiplier_out_of_range",
+                 "seed_out_of_range", "suffix_invalid")
+# A training file's line-by-line check (academy/datasets.py) and its record (domain/training_file.py).
+DATASET = ("line_not_json", "line_not_object", "messages_missing", "role_missing", "role_unknown", "content_missing",
+           "no_assistant_turn", "last_turn_not_assistant", "no_prompt_turn", "line_malformed", "line_too_long",
+           "line_not_utf8", "file_empty", "too_many_lines", "purpose_unsupported", *_text("filename"), "sha256_invalid")
+
 OPERATIONS: dict[str, dict[int, tuple[str, ...]]] = {
     "createPersona": {422: (*_text("name"), "system_prompt_too_long", "unknown_base_model")},
     "updatePersona": {422: (*_text("name"), "system_prompt_too_long")},
@@ -71,7 +80,7 @@ OPERATIONS: dict[str, dict[int, tuple[str, ...]]] = {
     "uploadLayer": {404: ("parent_layer_not_found",),
                     422: (*_text("name"), *_text("base_model"), "unknown_base_model", *TAGS, *VECTOR, *ADAPTER,
                           "rank_out_of_range", "target_modules_required")},
-    "updateLayer": {409: ("layer_deprecated",), 422: TAGS},
+    "updateLayer": {409: ("layer_deprecated", "public_not_allowed"), 422: TAGS},
     "deprecateLayer": {409: ("layer_deprecated",)},
     "searchLayersByText": {422: SEARCH},
     "searchLayers": {404: ("layer_not_found",), 410: ("layer_archived",), 422: (*SEARCH, "one_query_required", *VECTOR)},
@@ -79,10 +88,17 @@ OPERATIONS: dict[str, dict[int, tuple[str, ...]]] = {
     "uploadKnowledge": {422: (*KNOWLEDGE, "text_not_utf8")},
     "searchKnowledge": {422: (*SEARCH, "max_tokens_out_of_range", "mmr_out_of_range")},
     "chat": CHAT,
-    "createChatCompletion": {**CHAT, 404: ("model_not_found", *CHAT[404]), 422: (*CHAT[422], "model_ambiguous", "n_unsupported")},
-    "startAcademySession": {404: ("persona_not_found",), 410: ("persona_archived",),
+    # A fine-tuned model (`ft:...`) names a layer: the base model plus it, the client's own messages.
+    "createChatCompletion": {**CHAT, 404: ("model_not_found", "layer_not_found", *CHAT[404]),
+                             422: (*CHAT[422], "model_ambiguous", "n_unsupported", "last_message_not_user", "layer_erased",
+                                   "base_model_mismatch")},
+    "startAcademySession": {404: ("persona_not_found", "file_not_found"), 410: ("persona_archived",),
                             422: (*_text("goal"), "target_similarity_out_of_range", "budget_steps_out_of_range",
-                                  "budget_seconds_out_of_range", "persona_has_no_genome")},
+                                  "budget_seconds_out_of_range", "persona_has_no_genome", *TRAINING_DATA)},
+    "uploadFile": {413: ("file_too_large",), 422: DATASET},
+    "createFineTuningJob": {404: ("model_not_found", "file_not_found", "persona_not_found"), 410: ("persona_archived",),
+                            422: ("model_ambiguous", "persona_has_no_genome", *_text("goal"), *TRAINING_DATA)},
+    "cancelFineTuningJob": {409: ("session_finished",)},
     "cancelAcademySession": {409: ("session_finished",)},
     "createAcademyChallenge": {**GENERATION, 409: ("session_finished",), 422: (*_text("prompt"),)},
     "createRecipe": {409: ("recipe_name_exists",), 422: (*_text("name"), "name_invalid", *DEFINITION)},

@@ -22,7 +22,7 @@ from litestar.status_codes import HTTP_200_OK
 
 from genome_service.academy.datasets import DatasetRejected
 from genome_service.api.errors import problem
-from genome_service.domain.academy import Hyperparameters
+from genome_service.domain.academy import MAX_BATCH_SIZE, MAX_EPOCHS, SUFFIX_PATTERN, Hyperparameters
 from genome_service.services.context import Caller, Command
 from genome_service.services.fine_tuning import FineTuning, FineTuningJob, ListPage
 from genome_service.services.training_files import TrainingFiles, TrainingFileView
@@ -57,14 +57,14 @@ class FileList(msgspec.Struct, frozen=True):
 
 class FileUpload(msgspec.Struct, frozen=True):
     file: UploadFile
-    purpose: str
+    purpose: Literal["fine-tune"]
 
 
 class HyperparametersIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # OpenAI's "auto" leaves the choice to the service.
-    n_epochs: int | Literal["auto"] | None = None
-    batch_size: int | Literal["auto"] | None = None
-    learning_rate_multiplier: float | Literal["auto"] | None = None
+    n_epochs: Annotated[int, msgspec.Meta(ge=1, le=MAX_EPOCHS)] | Literal["auto"] | None = None
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SIZE)] | Literal["auto"] | None = None
+    learning_rate_multiplier: Annotated[float, msgspec.Meta(gt=0, le=100)] | Literal["auto"] | None = None
 
 
 class SupervisedIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,8 +81,8 @@ class JobCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str
     training_file: str
     validation_file: str | None = None
-    suffix: str | None = None
-    seed: int | None = None
+    suffix: Annotated[str, msgspec.Meta(pattern=SUFFIX_PATTERN)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     hyperparameters: HyperparametersIn | None = None
     # OpenAI's newer form: {"type": "supervised", "supervised": {"hyperparameters": {...}}}.
     method: MethodIn | None = None

@@ -11,12 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from genome_service.chat.runtime import ChatRuntime
-from genome_service.chat.turn import CLEAN_ENDS, ChatRefused, Reply
+from genome_service.chat.turn import CLEAN_ENDS, ChatRefused, Reply, engine_events
 from genome_service.domain.conversation import Generation, SamplingUsed, Usage
 from genome_service.settings import Settings
 from inference.backends.base import ChatMessage, Sampling, Token
-from inference.daemon.client import DaemonRefused
-from inference.engine import QueueFull
 from inference.lora.stack import stack_key
 
 LAYER_WEIGHT = 1.0
@@ -43,27 +41,20 @@ async def run_model_turn(
                                                   f"exceed the model's context of {loaded.context}")
     layers = [(layer_id, LAYER_WEIGHT)]
     stack = loaded.resolver.stack(layers)
-    try:
-        events = loaded.engine.stream(messages, stack, sampling, label=label)  # type: ignore[arg-type]
-    except QueueFull as error:
-        raise ChatRefused(429, "inference_busy", str(error)) from None
     parts: list[str] = []
-    async with aclosing(events) as stream:  # closing it is what cancels generation
-        try:
-            async for event in stream:
-                if isinstance(event, Token):
-                    parts.append(event.text)
-                    yield event
-                    continue
-                generation = Generation(
-                    model=loaded.model, stack_hash=stack_key(layers),
-                    sampling=SamplingUsed(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed),
-                    usage=Usage(event.prompt_tokens or prompt_tokens, event.completion_tokens),
-                    finish_reason=event.reason, citations=(),
-                )
-                failure = None
-                if event.reason not in CLEAN_ENDS:
-                    failure = ChatRefused(503, event.rule or "generation_failed", event.error or event.reason)
-                yield Reply("", "".join(parts), generation, failure, event.worker_pid)
-        except DaemonRefused as error:
-            raise ChatRefused(error.status, error.rule, str(error)) from None
+    async with aclosing(engine_events(loaded, messages, stack, sampling, label)) as stream:
+        async for event in stream:
+            if isinstance(event, Token):
+                parts.append(event.text)
+                yield event
+                continue
+            generation = Generation(
+                model=loaded.model, stack_hash=stack_key(layers),
+                sampling=SamplingUsed(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed),
+                usage=Usage(event.prompt_tokens or prompt_tokens, event.completion_tokens),
+                finish_reason=event.reason, citations=(),
+            )
+            failure = None
+            if event.reason not in CLEAN_ENDS:
+                failure = ChatRefused(503, event.rule or "generation_failed", event.error or event.reason)
+            yield Reply("", "".join(parts), generation, failure, event.worker_pid)

@@ -93,21 +93,31 @@ async def run_turn(services: Services, runtime: ChatRuntime, request: TurnReques
     model = await asyncio.to_thread(runtime.model_of, request.persona_id)
     loaded = await runtime.ready(model)
     prepared = await asyncio.to_thread(prepare_turn, services, loaded, request)
-    try:
-        events = loaded.engine.stream(list(prepared.prompt.messages), prepared.stack, prepared.sampling,  # type: ignore[arg-type]
-                                      label=persona_label(request.owner, request.persona_id))
-    except QueueFull as error:
-        raise ChatRefused(429, "inference_busy", str(error)) from None
+    events = engine_events(loaded, list(prepared.prompt.messages), prepared.stack, prepared.sampling,
+                           persona_label(request.owner, request.persona_id))
     parts: list[str] = []
     async with aclosing(events) as stream:  # closing it is what cancels generation
+        async for event in stream:
+            if isinstance(event, Token):
+                parts.append(event.text)
+                yield event
+                continue
+            yield await _finish(services, prepared, "".join(parts), event, metadata)
+
+
+async def engine_events(loaded: Loaded, messages: list[ChatMessage], stack: LoraStack | list[StackEntry] | None,
+                        sampling: Sampling, label: str) -> AsyncIterator[Token | Finish]:
+    """One generation's events from the loaded engine; its refusals (a full queue, the daemon's,
+    all before the first token) as `ChatRefused`. Closing it cancels the generation."""
+    try:
+        events = loaded.engine.stream(messages, stack, sampling, label=label)  # type: ignore[arg-type]
+    except QueueFull as error:
+        raise ChatRefused(429, "inference_busy", str(error)) from None
+    async with aclosing(events) as stream:
         try:
             async for event in stream:
-                if isinstance(event, Token):
-                    parts.append(event.text)
-                    yield event
-                    continue
-                yield await _finish(services, prepared, "".join(parts), event, metadata)
-        except DaemonRefused as error:  # raised before the first token, as every refusal is
+                yield event
+        except DaemonRefused as error:
             raise ChatRefused(error.status, error.rule, str(error)) from None
 
 

@@ -60,7 +60,8 @@ MAX_CHALLENGES = 1_000
 MAX_TASKS = 16
 MAX_NEEDS = 3  # a goal's sentences planned as tasks of their own; more would thin the budget out
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
-_SUFFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+SUFFIX_PATTERN = "^[a-z0-9][a-z0-9-]{0,39}$"
+_SUFFIX = re.compile(SUFFIX_PATTERN)
 MAX_EPOCHS = 100
 MAX_BATCH_SIZE = 256
 EVALUATION_PHASES = ("before", "checkpoint", "after")
@@ -546,6 +547,7 @@ def _require_data(data: TrainingData, persona_id: str) -> None:
             f"batch_size must be in 1..{MAX_BATCH_SIZE}")
     require(multiplier is None or (math.isfinite(multiplier) and 0 < multiplier <= 100), "learning_rate_multiplier_out_of_range",
             "learning_rate_multiplier must be a finite number in (0, 100]")
+    require(data.seed is None or 0 <= data.seed < 2**31, "seed_out_of_range", "seed must be within 0..2147483647")
     require(not data.suffix or _SUFFIX.fullmatch(data.suffix) is not None, "suffix_invalid",
             "a suffix is 1..40 lowercase letters, digits and dashes, starting with a letter or digit")
 

@@ -252,7 +252,10 @@ class FineTuning:
         return row["base_model"], layer_id
 
     def _job_state(self, caller: Caller, job_id: str) -> AcademySession:
-        self.sessions.visible(caller, job_id)
+        try:
+            self.sessions.visible(caller, job_id)
+        except NotFound:
+            raise NotFound("fine_tuning_job", job_id) from None
         state = self.services.repository.load(ACADEMY_SESSION, job_id).state
         if state is None or state.data.training_file_id is None:
             raise NotFound("fine_tuning_job", job_id)

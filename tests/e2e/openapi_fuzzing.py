@@ -92,6 +92,11 @@ def load_schema(server: Server) -> schemathesis.BaseSchema:
     return schema
 
 
+# Chat JSONL as the fine-tuning API takes it: two chats.
+TRAINING_FILE = b"\n".join(json.dumps({"messages": [{"role": "user", "content": f"Say {n}."},
+                                                     {"role": "assistant", "content": f"{n}."}]}).encode() for n in (1, 2))
+
+
 def adapter_upload(seed: int, models_dir: Path) -> dict[str, Any]:
     files = make_adapter_files("peft", seed=seed, spec=ModelCatalog(models_dir).get(BASE))
     metadata = {"name": f"layer {seed}", "base_model": BASE, "trait_type": "domain_expertise", "tags": ["math"]}
@@ -137,9 +142,13 @@ def seed(seeded: Seeded) -> None:
                                                    "steps": [stack]})
         runs = [created("POST", "/recipes/{recipe_id}/runs", {"recipe_id": recipe}, json={"inputs": {"persona_id": p}})
                 for p in personas]
+        # A training file, and a fine-tuning job on it for each persona (queued: nothing trains here).
+        files = [created("POST", "/v1/files", files={"file": ("chats.jsonl", TRAINING_FILE)}, data={"purpose": "fine-tune"})]
+        jobs = [created("POST", "/v1/fine_tuning/jobs", json={"model": p, "training_file": files[0]}) for p in personas]
     seeded.ids = {"persona_id": personas, "genome_id": genomes, "layer_id": layers, "session_id": sessions,
                   "challenge_id": challenges, "knowledge_id": knowledge, "conversation_id": conversations,
-                  "recipe_id": [recipe], "run_id": runs}
+                  "recipe_id": [recipe], "run_id": runs, "file_id": files, "job_id": jobs, "training_file": files,
+                  "validation_file": files}
 
 
 def declared_body_fields(schema: schemathesis.BaseSchema, operation: schemathesis.APIOperation) -> set[str] | None:
