@@ -19,6 +19,7 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
 )
 
+from genome_service.academy.datasets import DatasetRejected
 from genome_service.chat.runtime import ChatUnavailable
 from genome_service.chat.turn import ChatRefused
 from genome_service.services.errors import ConcurrencyConflict, DatabaseUnavailable
@@ -40,6 +41,11 @@ def _refused(exc: Exception) -> ProblemDetailsException:
     found = refusal(exc)
     assert found is not None, f"{type(exc).__name__} is registered as a refusal"
     return problem(found.status, found.rule, found.detail)
+
+
+def _dataset_rejected(exc: DatasetRejected) -> ProblemDetailsException:
+    """A training file refused: the rule, and the first line that broke it (0: the file as a whole)."""
+    return problem(413 if exc.rule == "file_too_large" else 422, exc.rule, exc.message, line=exc.line)
 
 
 def _conflict(request: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Response[Any]:
@@ -69,6 +75,7 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
         ProblemDetailsConfig(
             exception_to_problem_detail_map={
                 HTTPException: _http,
+                DatasetRejected: _dataset_rejected,
                 # These have handlers of their own below (If-Match, Retry-After).
                 **dict.fromkeys({*REFUSED, ChatRefused, ChatUnavailable, DaemonRefused} - set(EXCEPTION_HANDLERS), _refused),
             }

@@ -20,8 +20,6 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
-from genome_service.academy.datasets import DatasetRejected
-from genome_service.api.errors import problem
 from genome_service.domain.academy import MAX_BATCH_SIZE, MAX_EPOCHS, SUFFIX_PATTERN, Hyperparameters
 from genome_service.services.context import Caller, Command
 from genome_service.services.fine_tuning import FineTuning, FineTuningJob, ListPage
@@ -102,12 +100,17 @@ def _chosen(value: Any) -> Any:
 
 def _upload(self: FilesController, command: NamedDependency[Command],
             data: Annotated[FileUpload, Body(media_type=RequestEncodingType.MULTI_PART)]) -> FileObject:
-    """Upload a chat JSONL training file (purpose `fine-tune`); every line is checked before anything is stored."""
-    try:
-        return _file(self.files.upload(command, data.file.filename or "upload.jsonl", data.purpose, data.file.file.read()))
-    except DatasetRejected as rejected:
-        status = 413 if rejected.rule == "file_too_large" else 422
-        raise problem(status, rejected.rule, rejected.message, line=rejected.line) from None
+    """Upload a chat JSONL training file (purpose `fine-tune`); every line is checked before anything is stored.
+
+    A bad file is refused (422, 413 over the size limit) naming its first faulty `line` and the `rule`."""
+    return _file(self.files.upload(command, data.file.filename or "upload.jsonl", data.purpose, data.file.file.read()))
+
+
+def _hyperparameters(data: JobCreate) -> Hyperparameters:
+    """The job's hyperparameters, from either place OpenAI's clients put them; "auto" leaves one to the service."""
+    supervised = data.method.supervised if data.method is not None else None
+    wanted = data.hyperparameters or (supervised.hyperparameters if supervised else None) or HyperparametersIn()
+    return Hyperparameters(_chosen(wanted.n_epochs), _chosen(wanted.batch_size), _chosen(wanted.learning_rate_multiplier))
 
 
 def files_controller(files: TrainingFiles, max_bytes: int) -> type[Controller]:
@@ -150,13 +153,9 @@ class FineTuningController(Controller):
     @post("/", operation_id="createFineTuningJob", status_code=HTTP_200_OK, sync_to_thread=False)
     def create(self, command: NamedDependency[Command], data: JSONBody[JobCreate]) -> FineTuningJob:
         """Queue a job: `model` is a base model or one of the caller's personas (its layer is then attached if it improved it)."""
-        supervised = data.method.supervised if data.method is not None else None
-        wanted = data.hyperparameters or (supervised.hyperparameters if supervised else None) or HyperparametersIn()
-        hyperparameters = Hyperparameters(_chosen(wanted.n_epochs), _chosen(wanted.batch_size),
-                                          _chosen(wanted.learning_rate_multiplier))
         return self.jobs.create(command, model=data.model, training_file=data.training_file,
                                 validation_file=data.validation_file, suffix=data.suffix, seed=data.seed,
-                                hyperparameters=hyperparameters)
+                                hyperparameters=_hyperparameters(data))
 
     @get("/", operation_id="listFineTuningJobs", sync_to_thread=False)
     def list(self, caller: NamedDependency[Caller], after: FromQuery[str | None] = None,

@@ -22,7 +22,6 @@ from litestar.status_codes import HTTP_200_OK
 
 from genome_service.api.chat import ChatMessageIn, worker_header
 from genome_service.api.openapi import SSE
-from genome_service.chat.model_turn import run_model_turn
 from genome_service.chat.service import AskedMessage, Chat, ChatAsk, Turn
 from genome_service.chat.turn import ChatRefused, Reply
 from genome_service.domain.conversation import Citation, Generation
@@ -30,7 +29,7 @@ from genome_service.services.context import Caller, Command
 from genome_service.services.creation import new_id
 from genome_service.services.fine_tuning import FineTuning
 from genome_service.services.personas import Personas
-from inference.backends.base import ChatMessage, Token
+from inference.backends.base import Token
 
 
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -139,23 +138,17 @@ class OpenAIController(Controller):
     @post("/chat/completions", operation_id="createChatCompletion", status_code=HTTP_200_OK, media_type=SSE)
     async def completions(self, command: NamedDependency[Command], data: JSONBody[CompletionCreate]) -> Response[Completion]:
         """A reply in OpenAI's chat completion format; `model` is a persona's id or name, or a fine-tuned model."""
+        turn = await self._start(command, data)
+        return _streamed(turn, data) if data.stream else _completion(await self.chat.reply(turn), data.model)
+
+    async def _start(self, command: Command, data: CompletionCreate) -> Turn:
+        """A fine-tuned model's turn (`ft:<base>:<suffix>:<layer id>`), else a persona's."""
         ask = _ask(data)
         fine_tuned = self.jobs.layer_for_model(command.caller, data.model)
         if fine_tuned is not None:
-            turn = await self._model_turn(command.caller, fine_tuned, ask)
-        else:
-            persona_id = self.personas.resolve_model(command.caller, data.model)
-            turn = await self.chat.start(command.caller, persona_id, ask, command.metadata)
-        return _streamed(turn, data) if data.stream else _completion(await self.chat.reply(turn), data.model)
-
-    async def _model_turn(self, caller: Caller, fine_tuned: tuple[str, str], ask: ChatAsk) -> Turn:
-        base_model, layer_id = fine_tuned
-        events = run_model_turn(
-            self.chat.services.settings, self.chat.runtime, base_model, layer_id,
-            [ChatMessage(m.role, m.content) for m in ask.messages], max_tokens=ask.max_tokens,
-            temperature=ask.temperature, top_p=ask.top_p, seed=ask.seed, label=f"{caller.owner}/{layer_id}",
-        )
-        return Turn(await anext(events), events)
+            return await self.chat.start_fine_tuned(command.caller, *fine_tuned, ask)
+        persona_id = self.personas.resolve_model(command.caller, data.model)
+        return await self.chat.start(command.caller, persona_id, ask, command.metadata)
 
     @get("/models", operation_id="listModels", sync_to_thread=False)
     def models(self, caller: NamedDependency[Caller]) -> ModelList:

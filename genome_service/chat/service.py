@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from genome_service.chat.model_turn import run_model_turn
 from genome_service.chat.runtime import ChatRuntime
 from genome_service.chat.turn import ChatRefused, Reply, TurnRequest, run_turn
 from genome_service.domain.conversation import Generation, Message
@@ -21,7 +22,7 @@ from genome_service.services.bootstrap import Services
 from genome_service.services.context import Caller
 from genome_service.services.personas import Personas
 from genome_service.settings import Settings
-from inference.backends.base import Token
+from inference.backends.base import ChatMessage, Token
 
 
 class AskedMessage(msgspec.Struct, frozen=True):
@@ -93,6 +94,16 @@ class Chat:
         request = turn_request(self.services.settings, persona_id, caller.owner, ask)
         Personas(self.services).visible(caller, persona_id)
         events = run_turn(self.services, self.runtime, request, metadata)
+        return Turn(await anext(events), events)
+
+    async def start_fine_tuned(self, caller: Caller, base_model: str, layer_id: str, ask: ChatAsk) -> Turn:
+        """Start a fine-tuned model's turn (`chat/model_turn.py`): the base model plus one layer, the
+        caller's messages as they are (their system prompt included), nothing recorded."""
+        events = run_model_turn(
+            self.services.settings, self.runtime, base_model, layer_id,
+            [ChatMessage(m.role, m.content) for m in ask.messages], max_tokens=ask.max_tokens,
+            temperature=ask.temperature, top_p=ask.top_p, seed=ask.seed, label=f"{caller.owner}/{layer_id}",
+        )
         return Turn(await anext(events), events)
 
     async def reply(self, turn: Turn) -> Reply:

@@ -33,7 +33,8 @@ PROBLEM = "application/problem+json"
 # Path parameter -> the kind of resource it names (404 rules are `<kind>_not_found`).
 KINDS = {"genome_id": "genome", "persona_id": "persona", "layer_id": "layer", "knowledge_id": "knowledge",
          "conversation_id": "conversation", "session_id": "academy_session",
-         "challenge_id": "challenge", "recipe_id": "recipe", "run_id": "recipe_run"}
+         "challenge_id": "challenge", "recipe_id": "recipe", "run_id": "recipe_run", "file_id": "file",
+         "job_id": "fine_tuning_job"}
 
 
 @schemathesis.check

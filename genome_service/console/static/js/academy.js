@@ -54,13 +54,15 @@ class Session extends Page {
     this.plan = h("div");
     this.challengeRows = h("tbody");
     this.layers = h("ul", { class: "produced", "aria-label": "Produced layers" });
-    this.log = h("ol", { class: "events", "aria-label": "Events" });
+    this.evaluations = h("ul", { class: "evaluations", "aria-label": "Held-out evaluations" });
+    // A scrolling list: focusable, so a keyboard can scroll it too.
+    this.log = h("ol", { class: "events", "aria-label": "Events", tabindex: "0" });
     this.chart = h("gs-loss-chart");
     this.show(session);
     queueMicrotask(() => this.follow(id));
     return [
       h("h1", {}, `Session: ${session.goal}`),
-      this.alert, this.state, this.cancelButton, this.layers, this.chart,
+      this.alert, this.state, this.cancelButton, this.layers, this.evaluations, this.chart,
       h("section", { "aria-labelledby": "plan-title" }, h("h2", { id: "plan-title" }, "Plan"), this.plan),
       h("section", { "aria-labelledby": "challenges-title" }, h("h2", { id: "challenges-title" }, "Challenges"),
         h("table", {}, h("caption", {}, "Challenges and the judge's scores"),
@@ -120,8 +122,12 @@ class Session extends Page {
         break;
       case "Evaluated": {
         const score = d.task_score === undefined ? "" : `, task score ${d.task_score.toFixed(3)}`;
-        this.layers.append(h("li", {}, `Held-out at step ${d.step} (${d.phase}): loss ${d.valid_loss.toFixed(4)}, `
-          + `token accuracy ${d.valid_token_accuracy.toFixed(3)}${score}`));
+        const item = h("li", {}, `Held-out at step ${d.step} (${d.phase}): loss ${d.valid_loss.toFixed(4)}, `
+          + `token accuracy ${d.valid_token_accuracy.toFixed(3)}${score}`);
+        // Before, the latest checkpoint and after: a long session does not grow the page.
+        if (d.phase === "checkpoint" && this.checkpointItem) this.checkpointItem.replaceWith(item);
+        else this.evaluations.append(item);
+        if (d.phase === "checkpoint") this.checkpointItem = item;
         break;
       }
       case "AttachDecided":
