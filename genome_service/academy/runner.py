@@ -459,7 +459,7 @@ class Runner:
             return check_cancel()
 
         recorded = state.evaluation(task.task_id, 0, "before") is not None
-        scores = () if recorded else self._scores(state, task, data, self._persona_layers(state), cancelled)
+        scores = () if recorded else self._scores(data, self._persona_layers(state), cancelled)
 
         def evaluated(evaluation: Evaluation) -> None:
             # The last step's evaluation waits for the layer: the task score is measured with it.
@@ -513,7 +513,7 @@ class Runner:
         final = result.evaluations[-1]
         if self._state(session_id).evaluation(task.task_id, steps, "after") is None:
             layers = [*self._persona_layers(state), (layer_id, self.settings.layer_weight)]
-            after = self._scores(state, task, data, layers, cancelled)
+            after = self._scores(data, layers, cancelled)
             self._record_evaluation(session_id, task, "after", final, *after)
         return layer_id
 
@@ -534,7 +534,7 @@ class Runner:
     def _persona_layers(self, state: AcademySession) -> list[tuple[str, float]]:
         return list(self.stacks.persona(state.persona_id)[1]) if state.persona_id else []
 
-    def _scores(self, state: AcademySession, task: PlanTask, data: TaskData, layers: Sequence[tuple[str, float]],
+    def _scores(self, data: TaskData, layers: Sequence[tuple[str, float]],
                 cancelled: Callable[[], bool]) -> tuple[float, float] | tuple[()]:
         """(task score, held-out task score) with `layers`: greedy closed-book recall of the facts
         asked as trained and in the held-out form; () without facts."""
