@@ -80,18 +80,23 @@ class AdapterStacks:
         self._max_rank = max_rank
         self.cache = StackCache(stack_cache_size, AdapterCache(adapter_cache_bytes))
 
-    def stack(self, entries: list[tuple[str, float]]) -> LoraStack | None:
-        """The assembled stack (None for none); raises `AdapterMissing` or `AdapterRejected`."""
-        for sha256, _ in entries:
+    def stack(self, entries: list[tuple[str, float, float | None]]) -> LoraStack | None:
+        """The assembled stack of (adapter hash, weight, scale or None for the adapter's own),
+        None for no entries; raises `AdapterMissing` or `AdapterRejected`."""
+        for sha256, _, _ in entries:
             if not _SHA256.fullmatch(sha256):
                 raise AdapterRejected("invalid_adapter_hash", f"adapter_sha256: expected 64 lowercase hex digits, got {sha256!r}")
-        return self.cache.get(entries, self._load) if entries else None
+        if not entries:
+            return None
+        return self.cache.get([(sha256, weight) for sha256, weight, _ in entries], self._load, [scale for _, _, scale in entries])
 
     def _load(self, sha256: str) -> LoadedAdapter:
         try:
             manifest = msgspec.json.decode(self._source.read(sha256), type=_Manifest)
         except msgspec.DecodeError:
             raise AdapterRejected("invalid_adapter", f"adapter {sha256}: its manifest is not an adapter manifest") from None
+        if not all(_SHA256.fullmatch(blob) for blob in manifest.files.values()):
+            raise AdapterRejected("invalid_adapter", f"adapter {sha256}: its manifest names a file by something else than a hash")
         files = {name: self._source.read(blob) for name, blob in manifest.files.items()}
         try:
             info = parse_adapter(files, self._spec, max_rank=self._max_rank)

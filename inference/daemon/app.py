@@ -1,8 +1,9 @@
 """The daemon's HTTP face: OpenAI-compatible chat completions, routed by base model.
 
 `model` names a base model. One extension carries the LoRA stack and the API's bookkeeping:
-`genome_stack` ([{adapter_sha256, weight}], in precedence order), `genome_priority`,
-`genome_timeout` (seconds) and `genome_label` (whose figures the request counts in).
+`genome_stack` ([{adapter_sha256, weight, scale}], in precedence order, each adapter once;
+`scale` left out is the adapter's own alpha / r), `genome_priority`, `genome_timeout`
+(seconds) and `genome_label` (whose figures the request counts in).
 Every response names the worker process that served it (`X-Genome-Worker-Pid`). A refusal
 before the first token is `application/problem+json` with a `rule`; a failure mid-stream is
 an SSE `error` event with the same body, never a silent end.
@@ -21,6 +22,7 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from inference.backends.base import ChatMessage, Finish, Token
@@ -75,9 +77,7 @@ def create_daemon_app(pool: ModelPool, *, token: str, models: list[str] | None =
 
     @post("/v1/chat/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return problem(413, "payload_too_large", f"the request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+        body = await request.body()  # past MAX_BODY_BYTES Litestar raises 413, answered by `_http_problem`
         try:
             ask = msgspec.json.decode(body, type=CompletionRequest)
         except msgspec.ValidationError as exc:
@@ -86,6 +86,10 @@ def create_daemon_app(pool: ModelPool, *, token: str, models: list[str] | None =
             return problem(400, "malformed_json", str(exc))
         if not ask.messages:
             return problem(422, "invalid_request", "messages: expected at least one message, got none")
+        hashes = [entry.adapter_sha256 for entry in ask.genome_stack]
+        if len(set(hashes)) != len(hashes):
+            return problem(422, "invalid_stack", "genome_stack: expected each adapter once (its weight says how much), "
+                                                 f"got {len(hashes) - len(set(hashes))} repeated")
         stops = [ask.stop] if isinstance(ask.stop, str) else list(ask.stop or [])
         work = Generate(
             id=0, messages=ask.messages, stack=ask.genome_stack, temperature=ask.temperature, top_p=ask.top_p,
@@ -153,8 +157,19 @@ def create_daemon_app(pool: ModelPool, *, token: str, models: list[str] | None =
 
     return Litestar(
         [completions, list_models, health, stats, metrics], before_request=authorised,
-        on_startup=[started], on_shutdown=[stopped], request_max_body_size=MAX_BODY_BYTES + 1, openapi_config=None,
+        on_startup=[started], on_shutdown=[stopped], request_max_body_size=MAX_BODY_BYTES, openapi_config=None,
+        exception_handlers={HTTPException: _http_problem},
     )  # fmt: skip
+
+
+# Litestar's own refusals (a body past the limit, an unknown path or method), as problems too.
+_HTTP_RULES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def _http_problem(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    detail = f"the request body is over the limit of {MAX_BODY_BYTES} bytes" if exc.status_code == 413 else exc.detail
+    rule = _HTTP_RULES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
+    return problem(exc.status_code, rule, detail)
 
 
 def _chunk(completion_id: str, model: str, created: int, delta: dict[str, str], finish_reason: str | None,

@@ -6,16 +6,21 @@ The daemon owns request ids. A worker answers each `Generate` with Tokens and ex
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from inference.backends.base import ChatMessage
 
 
 class StackEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One layer of a request's LoRA stack: its adapter by content hash and its weight."""
+    """One layer of a request's LoRA stack: its adapter by content hash, its weight, and the
+    scale its factors are applied at (None: the adapter's own alpha / r), so the layer adds
+    weight * scale * B (A x)."""
 
     adapter_sha256: str
     weight: float = 1.0
+    scale: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
 
 
 class Generate(msgspec.Struct, frozen=True, tag=True):

@@ -16,6 +16,7 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import httpx
 import msgspec
 
 from inference.backends.base import Finish, Sampling, Token
@@ -157,7 +158,7 @@ class _Worker:
         except ValueError as exc:
             self._send(Refused(request.id, 422, "sampling_out_of_range", str(exc)))
             return
-        entries = [(entry.adapter_sha256, entry.weight) for entry in request.stack]
+        entries = [(entry.adapter_sha256, entry.weight, entry.scale) for entry in request.stack]
         try:
             stack = await asyncio.to_thread(self.stacks.stack, entries)
             events = self.engine.stream(request.messages, stack, sampling, priority=request.priority,
@@ -168,8 +169,17 @@ class _Worker:
         except AdapterRejected as exc:
             self._send(Refused(request.id, 422, exc.reason, str(exc)))
             return
+        except ValueError as exc:  # the stack's own rules (each adapter once, finite gains)
+            self._send(Refused(request.id, 422, "invalid_stack", str(exc)))
+            return
+        except (httpx.HTTPError, OSError) as exc:
+            self._send(Refused(request.id, 503, "adapter_unavailable", f"the adapter blobs could not be read: {exc}"))
+            return
         except QueueFull as exc:
             self._send(Refused(request.id, 429, "inference_busy", str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - unforeseen: the caller still hears why, and nothing waits on it
+            self._send(Refused(request.id, 500, "generation_failed", f"{type(exc).__name__}: {exc}"))
             return
         try:
             async for event in events:
@@ -178,6 +188,9 @@ class _Worker:
                 else:
                     self._flush()  # its tokens before its end
                     self._send(_ended(request.id, event))
+        except Exception as exc:  # noqa: BLE001 - as above: an end, never a silent stop
+            self._flush()
+            self._send(Ended(request.id, "error", 0, 0, f"{type(exc).__name__}: {exc}", "generation_failed"))
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 

@@ -88,9 +88,13 @@ class StackCache:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
-    def get(self, layers: Sequence[tuple[str, float]], load: Callable[[str], LoadedAdapter]) -> LoraStack:
-        """The stack for `layers` (ordered (layer id, weight)); `load` reads an adapter the cache lacks."""
-        key = stack_key(layers)
+    def get(self, layers: Sequence[tuple[str, float]], load: Callable[[str], LoadedAdapter],
+            scales: Sequence[float | None] = ()) -> LoraStack:
+        """The stack for `layers` (ordered (layer id, weight)); `load` reads an adapter the cache lacks.
+
+        `scales`, one per layer where given, replace the adapters' own alpha / r (None keeps it).
+        """
+        key = stack_key(layers, scales)
         with self._lock:
             found = self._stacks.get(key)
             if found is not None:
@@ -98,11 +102,12 @@ class StackCache:
                 self.hits += 1
                 return found
             self.misses += 1
+        given = list(scales) or [None] * len(layers)
         parts = []
-        for layer_id, weight in layers:
+        for (layer_id, weight), scale in zip(layers, given, strict=True):
             adapter = self.adapters.get(layer_id, load)
-            parts.append((layer_id, weight, adapter.canonical, adapter.scale))
-        stack = assemble(parts)
+            parts.append((layer_id, weight, adapter.canonical, adapter.scale if scale is None else scale))
+        stack = assemble(parts, key)
         with self._lock:
             self._stacks[key] = stack
             if len(self._stacks) > self.max_stacks:

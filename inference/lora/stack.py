@@ -60,15 +60,22 @@ class LoraStack:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
-def stack_key(layers: Sequence[tuple[str, float]]) -> str:
-    """The cache key of an ordered, weighted list of layer ids (order matters)."""
+def stack_key(layers: Sequence[tuple[str, float]], scales: Sequence[float | None] = ()) -> str:
+    """The cache key of an ordered, weighted list of layer ids (order matters), and of the
+    scales that replace some adapters' own (None keeps a layer's own; none given, the key is
+    that of the layers alone)."""
     # repr(float) round-trips exactly, so 0.1 and 0.1000000001 get different keys.
-    canonical = json.dumps([[layer_id, repr(float(weight))] for layer_id, weight in layers])
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    entries: list[list[str]] = [[layer_id, repr(float(weight))] for layer_id, weight in layers]
+    if any(scale is not None for scale in scales):
+        entries = [entry + ([repr(float(scale))] if scale is not None else []) for entry, scale in zip(entries, scales, strict=True)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def assemble(layers: Sequence[StackLayer]) -> LoraStack:
-    """Concatenate each layer's (A, B) along the rank axis, B scaled by weight * scale."""
+def assemble(layers: Sequence[StackLayer], key: str | None = None) -> LoraStack:
+    """Concatenate each layer's (A, B) along the rank axis, B scaled by weight * scale.
+
+    `key` names the stack where the scales are not all the adapters' own (see `stack_key`):
+    backends cache converted weights by it."""
     seen: set[str] = set()
     for layer_id, weight, _, scale in layers:
         if layer_id in seen:
@@ -97,7 +104,7 @@ def assemble(layers: Sequence[StackLayer]) -> LoraStack:
         for module, (a_blocks, b_blocks) in blocks.items()
     }
     ordered = tuple((layer_id, float(weight)) for layer_id, weight, _, _ in layers)
-    return LoraStack(key=stack_key(ordered), layers=ordered, modules=modules, parts=tuple(parts))
+    return LoraStack(key=key or stack_key(ordered), layers=ordered, modules=modules, parts=tuple(parts))
 
 
 def _check_pair(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -58,7 +59,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path, ti
     """One API (its embedded daemon) serving the default model and a registered tiny one."""
     root = tmp_path_factory.mktemp("two-models")
     processes: list[subprocess.Popen[str]] = []
-    server = launch(root, processes, models_dir=str(models_dir(root, default_model, tiny=tiny_model)),
+    server = launch(root, processes, models_dir=str(models_dir(root, default_model, tiny=tiny_model)), inference_daemon="embedded",
                     inference_device="cpu", inference_backend="torch", chat_timeout="4",
                     inference_stuck_grace_seconds="1", inference_restart_backoff_seconds="0.2")
     yield server
@@ -133,7 +134,7 @@ def test_the_memory_budget_stops_an_idle_model_and_refuses_when_the_room_is_busy
     one = declared_weight_bytes(tiny_model, 4)
     processes: list[subprocess.Popen[str]] = []
     server = launch(tmp_path, processes, models_dir=str(models_dir(tmp_path, None, tiny_a=tiny_model, tiny_b=tiny_model, big=big)),
-                    inference_model="tiny-a", inference_device="cpu", inference_backend="torch",
+                    inference_model="tiny-a", inference_device="cpu", inference_backend="torch", inference_daemon="embedded",
                     inference_memory_bytes=str(one * 3 // 2), chat_timeout="60")
     try:
         with server.client() as client:
@@ -160,7 +161,7 @@ def test_the_memory_budget_stops_an_idle_model_and_refuses_when_the_room_is_busy
 def test_serve_with_three_workers_shares_one_copy_of_the_model(tmp_path: Path, default_model: Path) -> None:
     processes: list[subprocess.Popen[str]] = []
     server = launch(tmp_path, processes, models_dir=str(models_dir(tmp_path, default_model)), workers="3",
-                    inference_device="cpu", inference_backend="torch")
+                    inference_device="cpu", inference_backend="torch", inference_daemon="embedded")
     try:
         with server.client() as client:
             persona = persona_on(client, DEFAULT_MODEL)
@@ -185,11 +186,13 @@ def test_serve_with_three_workers_shares_one_copy_of_the_model(tmp_path: Path, d
         stop(processes)
 
 
-def start_daemon(tmp_path: Path, token: str, models_folder: Path, blobs_url: str) -> tuple[str, subprocess.Popen[str]]:
+def start_daemon(tmp_path: Path, token: str, models_folder: Path, **settings: str) -> tuple[str, subprocess.Popen[str]]:
+    """`inference serve` on a free port with GENOME_* `settings` (which say where adapters come from)."""
     port = free_port()
-    # Its own data folder: adapters come over HTTP from the API, as on another machine.
+    # Its own data folder: adapters come from where `settings` say, as on another machine.
     env = clean_env(tmp_path / "daemon", GENOME_INFERENCE_TOKEN=token, GENOME_MODELS_DIR=str(models_folder),
-                    GENOME_INFERENCE_DEVICE="cpu", GENOME_INFERENCE_BACKEND="torch", GENOME_INFERENCE_BLOBS_URL=blobs_url)
+                    GENOME_INFERENCE_DEVICE="cpu", GENOME_INFERENCE_BACKEND="torch",
+                    **{f"GENOME_{name.upper()}": value for name, value in settings.items()})
     process = subprocess.Popen([*CLI, "inference", "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:
@@ -203,7 +206,7 @@ def test_an_api_uses_a_daemon_started_apart_with_a_token(tmp_path: Path, tiny_mo
     token = "a-shared-secret"
     folder = models_dir(tmp_path, None, tiny=tiny_model)
     api_port = free_port()
-    url, daemon = start_daemon(tmp_path, token, folder, f"http://127.0.0.1:{api_port}")
+    url, daemon = start_daemon(tmp_path, token, folder, inference_blobs_url=f"http://127.0.0.1:{api_port}")
     processes: list[subprocess.Popen[str]] = [daemon]
     try:
         ask = {"model": "tiny", "messages": QUESTION, "max_tokens": 2}
@@ -246,3 +249,75 @@ def test_the_daemon_refuses_to_listen_off_loopback_without_a_token(tmp_path: Pat
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "GENOME_INFERENCE_TOKEN" in done.stderr
 
+
+
+def put_blob(folder: Path, data: bytes, name: str | None = None) -> str:
+    """Store `data` as the API's blob store does (`<folder>/<2 hex>/<sha256>`); `name` stores it under another hash."""
+    sha256 = name or hashlib.sha256(data).hexdigest()
+    (folder / sha256[:2]).mkdir(parents=True, exist_ok=True)
+    (folder / sha256[:2] / sha256).write_bytes(data)
+    return sha256
+
+
+def put_adapter(folder: Path, files: dict[str, bytes]) -> str:
+    manifest = {"format": "peft", "files": {name: put_blob(folder, data) for name, data in sorted(files.items())}}
+    return put_blob(folder, json.dumps(manifest).encode())
+
+
+def test_the_daemons_own_api_refuses_bad_requests_precisely_applies_scales_and_keeps_its_worker(tmp_path: Path, tiny_model: Path) -> None:
+    blobs = tmp_path / "blobs"
+    adapter = put_adapter(blobs, make_adapter_files("peft", rank=4, spec=tiny_spec(tiny_model, "tiny")))  # its scale is 2.0
+    not_a_manifest = put_blob(blobs, b"\x00\x01 weights, not a manifest")
+    rotten = put_adapter(blobs, {"adapter_config.json": b"{}"})
+    manifest = json.loads((blobs / rotten[:2] / rotten).read_bytes())
+    put_blob(blobs, b"other bytes", name=manifest["files"]["adapter_config.json"])  # a blob whose bytes lost their hash
+    url, daemon = start_daemon(tmp_path, "t", models_dir(tmp_path, None, tiny=tiny_model), blob_dir=str(blobs),
+                               inference_max_crashes="1")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer t"}, timeout=60) as client:
+            def ask(stack: list[dict[str, object]] | None = None, **body: object) -> httpx.Response:
+                return client.post("/v1/chat/completions", json={"model": "tiny", "messages": QUESTION, "max_tokens": 6,
+                                                                 "temperature": 0, "genome_ignore_eos": True,
+                                                                 "genome_stack": stack or [], **body})
+
+            def text(stack: list[dict[str, object]] | None = None) -> str:
+                answer = ask(stack)
+                assert answer.status_code == 200, answer.text
+                return answer.json()["choices"][0]["message"]["content"]
+
+            # The fixture's factors are small (std 0.02): a gain w x s of 2000 moves the greedy answer.
+            base, strong = text(), text([{"adapter_sha256": adapter, "scale": 2000.0}])
+            assert strong != base
+            assert text([{"adapter_sha256": adapter, "weight": 0.5, "scale": 4000.0}]) == strong  # the gain is w x s
+            assert text([{"adapter_sha256": adapter, "weight": 1000.0}]) == strong  # no scale: the adapter's own, 2.0
+            assert text([{"adapter_sha256": adapter, "scale": 1e-7}]) == base  # scaled to nothing
+
+            bad = {
+                (400, "malformed_json"): client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
+                                                      headers={"Content-Type": "application/json"}),
+                (422, "invalid_request"): ask(messages="hello"),
+                (422, "invalid_request", "empty"): ask(messages=[]),
+                (422, "invalid_request", "scale"): ask([{"adapter_sha256": adapter, "scale": 0}]),
+                (422, "invalid_request", "field"): ask([{"adapter_sha256": adapter, "gain": 2}]),
+                (413, "payload_too_large"): ask(messages=[{"role": "user", "content": "x" * (5 * 1024 * 1024)}]),
+                (404, "model_not_found"): ask(model="no-such-model"),
+                (422, "invalid_adapter_hash"): ask([{"adapter_sha256": "../../etc/passwd"}]),
+                (404, "adapter_not_found"): ask([{"adapter_sha256": "0" * 64}]),
+                (404, "adapter_not_found", "rotten"): ask([{"adapter_sha256": rotten}]),
+                (422, "invalid_adapter"): ask([{"adapter_sha256": not_a_manifest}]),
+                (422, "invalid_stack"): ask([{"adapter_sha256": adapter}, {"adapter_sha256": adapter, "weight": 0.5}]),
+                (422, "sampling_out_of_range"): ask(temperature=-1),
+            }
+            for (status, rule, *_), response in bad.items():
+                refused(response, status, rule)
+            [tiny] = client.get("/health").json()["models"]
+            assert (tiny["state"], tiny["restarts"], tiny["crashes_in_a_row"]) == ("ready", 0, 0)  # bad input crashed nothing
+
+            os.kill(tiny["pid"], signal.SIGKILL)  # one crash in a row is all this daemon allows
+            while (health := client.get("/health").json())["status"] != "degraded":
+                assert health["models"][0]["state"] in ("ready", "stopped"), health  # no restart: it is unhealthy
+            assert health["models"][0]["state"] == "unhealthy"
+            refused(ask(), 503, "model_unhealthy")
+            assert 'genome_daemon_model_unhealthy{model="tiny"} 1' in client.get("/metrics").text
+    finally:
+        stop([daemon])

@@ -54,6 +54,19 @@ def test_a_stack_is_built_once_per_ordered_weighted_layer_list() -> None:
     assert (stacks.hits, stacks.misses) == (1, 3) and stacks.hit_rate == 0.25
 
 
+def test_a_scale_given_replaces_the_adapters_own_and_keys_the_stack_apart() -> None:
+    load = Loader(10)
+    stacks = StackCache(max_stacks=8, adapters=AdapterCache(max_bytes=1 << 20))
+    own = stacks.get([("a", 0.5)], load)
+    assert stacks.get([("a", 0.5)], load, [None]) is own  # None keeps the adapter's own (1.0 here)
+    scaled = stacks.get([("a", 0.5)], load, [3.0])
+    assert scaled is not own and scaled.key != own.key  # backends cache converted weights by the key
+    assert [part.gain for part in own.parts] == [0.5] and [part.gain for part in scaled.parts] == [1.5]
+    _, b = own.modules["layers.0.q_proj"]
+    np.testing.assert_allclose(scaled.modules["layers.0.q_proj"][1], 3.0 * b, rtol=1e-6)
+    assert stacks.get([("a", 0.5)], load, [3.0]) is scaled and load.calls == ["a"]
+
+
 def test_the_oldest_stack_is_dropped_past_the_count() -> None:
     load = Loader(10)
     stacks = StackCache(max_stacks=1, adapters=AdapterCache(max_bytes=1 << 20))
