@@ -333,7 +333,7 @@ class Ours(Side):
 
     def append_existing(self, n: int) -> None:
         append, versions = self.store.append, self.versions
-        for i in range(n):
+        for _ in range(n):
             stream_id = self._next_existing()
             version = versions[stream_id]
             append(stream_id, "genome", [LayerAttached(layer_id(version), 0.5, 0)], version)

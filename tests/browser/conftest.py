@@ -60,7 +60,7 @@ def console_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -
     processes: list[subprocess.Popen[str]] = []
     yield launch(tmp_path, processes, models_dir=str(tmp_path / "models"), inference_model=MODEL, inference_backend="torch",
                  inference_device="cpu", academy_worker=None, academy_challenges="3", academy_keep_score="0",
-                 academy_checkpoint_every="5", rate_limit_per_minute="0")
+                 academy_checkpoint_every="5", rate_limit_per_minute="0", inference_daemon="embedded")
     stop(processes)
 
 

@@ -53,7 +53,7 @@ def persona_on_tiny_model(client: httpx.Client) -> str:
 
 @pytest.fixture
 def owners(start_server: Callable[..., Server], tiny_model: Path) -> tuple[Server, httpx.Client, httpx.Client]:
-    server = start_server(**WORKER)
+    server = start_server(**WORKER, inference_daemon="embedded")  # `serve`'s default: generation through the daemon
     assert server.cli("model", "register", MODEL, str(tiny_model)).returncode == 0
     alice, bob = (server.cli("keys", "create", "--owner", who).stdout.strip() for who in ("alice", "bob"))
     return server, server.client(alice), server.client(bob)

@@ -19,8 +19,8 @@ OTHERS = ("Sourdough bread rises slowly because wild yeast ferments the dough ov
           "A bicycle chain should be cleaned and oiled every few hundred kilometres.")
 
 
-def default_model_server(start_server: Callable[..., Server], default_model: Path) -> Server:
-    return start_server(models_dir=str(default_model.parent), inference_device="cpu", inference_backend="torch")
+def default_model_server(start_server: Callable[..., Server], default_model: Path, **settings: str) -> Server:
+    return start_server(models_dir=str(default_model.parent), inference_device="cpu", inference_backend="torch", **settings)
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_fictional_fact_is_retrieved_and_the_reply_cites_its_chunk(start_serve
 def test_a_stream_sends_tokens_before_it_ends_and_a_closed_stream_stops_generation(
     start_server: Callable[..., Server], default_model: Path,
 ) -> None:
-    server = default_model_server(start_server, default_model)
+    server = default_model_server(start_server, default_model, inference_daemon="embedded")
     with server.client() as client:
         client.timeout = httpx.Timeout(120)
         persona_id, fact_id = persona_with_knowledge(client)

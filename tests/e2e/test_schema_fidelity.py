@@ -44,7 +44,7 @@ MAX_EXAMPLES = int(os.environ.get("FIDELITY_MAX_EXAMPLES", "20"))
 # generated upload that carries them sends them under their own file names (the parser tells the
 # layout by name).
 ADAPTER_NAMES: dict[bytes, str] = {}
-TEXT = "Ada Lovelace wrote the first published program.".encode()
+TEXT = b"Ada Lovelace wrote the first published program."
 # A recipe's steps whose params fit their commands and refer to what exists: a generated definition
 # (random commands, params and expressions) almost never does.
 STEPS = [{"id": "stack", "command": "genome.stack", "params": {"persona_id": "{{ inputs.persona_id }}"}}]
