@@ -20,7 +20,8 @@ bottom as regression cases, each with the request that once triggered it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from openapi_fuzzing import (
 )
 from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
-from servers import Server
+from servers import Server, launch, stop
 
 # Per operation, from schema-valid and schema-invalid requests alike; raise it for a deeper local run.
 MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", "25"))
@@ -62,6 +63,18 @@ def seeded(start_server: Callable[..., Server], tiny_model: Path, tmp_path: Path
     result = Seeded(server, load_schema(server))
     seed(result)
     return result
+
+
+@pytest.fixture(scope="module")
+def seeded_once(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Seeded]:
+    """One seeded server for the regression cases below: each sends one request, none needs a fresh database."""
+    root = tmp_path_factory.mktemp("contract-regressions")
+    processes: list[subprocess.Popen[str]] = []
+    server = fuzzable_server(lambda **settings: launch(root, processes, **settings), tiny_model, root / "models")
+    result = Seeded(server, load_schema(server))
+    seed(result)
+    yield result
+    stop(processes)
 
 
 def _destructive_last(operation: schemathesis.APIOperation) -> tuple[bool, str]:
@@ -194,8 +207,8 @@ FIXED_BUGS: dict[str, tuple[Callable[[Seeded], schemathesis.Case], str]] = {
 
 
 @pytest.mark.parametrize("bug", list(FIXED_BUGS))
-def test_a_request_that_once_broke_the_contract_now_keeps_it(bug: str, seeded: Seeded) -> None:
-    case = FIXED_BUGS[bug][0](seeded)
+def test_a_request_that_once_broke_the_contract_now_keeps_it(bug: str, seeded_once: Seeded) -> None:
+    case = FIXED_BUGS[bug][0](seeded_once)
     response = case.call(timeout=30)
     case.validate_response(response, checks=checks_for(case, response, excuse_known=False))
 
