@@ -244,7 +244,8 @@ def inference_serve(
     A model's worker starts on its first request, within the memory budget (least recently
     used idle models stop to make room), restarts with backoff after a crash and is killed
     and restarted when a request runs past its timeout. Requests may carry their LoRA stack
-    as adapter hashes (`genome_stack`), read from the API's blob folder (GENOME_BLOB_DIR).
+    as adapter hashes with weights and scales (`genome_stack`), read from the API's blob folder
+    (GENOME_BLOB_DIR) or fetched from the API (GENOME_INFERENCE_BLOBS_URL).
     """
     import uvicorn
 
