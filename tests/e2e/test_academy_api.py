@@ -84,6 +84,9 @@ def test_serve_with_defaults_runs_a_session_to_completion_and_its_layer_changes_
     [layer_id] = final["layer_ids"]
     layer = alice.get(f"/layers/{layer_id}").json()
     assert layer["training_metrics"]["steps"] == 15 and "academy" in layer["tags"]
+    # The challenges were written by the inference daemon's worker (training loads a copy of its own).
+    [worker] = [m for m in alice.get("/inference/stats").json()["models"] if m["model"] == MODEL]
+    assert worker["state"] == "ready" and worker["engine"]["decode_steps"] > 0
     files = {name: alice.get(f"/layers/{layer_id}/adapter", params={"file": which}).content
              for name, which in (("adapter_model.safetensors", "weights"), ("adapter_config.json", "config"))}
     info = parse_adapter(files, tiny_spec(tiny_model), max_rank=64)
