@@ -56,9 +56,8 @@ def launch(tmp_path: Path, processes: list[subprocess.Popen[str]], database_url:
     # No academy worker unless a test asks (None: the service's default): a fuzzed or stray
     # session must not start a long training. Inference in the API process unless a test asks
     # for the daemon (inference_daemon="embedded", the service's default): a model worker is a
-    # fresh interpreter importing torch, ~7 s more for every server that chats on 2 cores. The
-    # daemon's own tests, the streaming chat, the console and the academy's serve-with-defaults
-    # go through it.
+    # fresh interpreter importing torch, ~7 s more for every server that chats on 2 cores. Tests
+    # about the daemon, the streaming chat, the console and the academy API's defaults ask.
     settings = {"academy_worker": "off", "inference_daemon": "off", **settings}
     port = int(settings.pop("port", None) or free_port())  # a test may need the URL before the server
     env = clean_env(tmp_path, **{f"GENOME_{k.upper()}": v for k, v in settings.items() if v is not None})

@@ -57,12 +57,16 @@ def checks_for(case: schemathesis.Case, response: Any, *, excuse_known: bool = T
     return [check for check in contract_checks(response) if not (excuse_known and (case.operation.label, check) in EXCUSED)]
 
 
-@pytest.fixture
-def seeded(start_server: Callable[..., Server], tiny_model: Path, tmp_path: Path) -> Seeded:
-    server = fuzzable_server(start_server, tiny_model, tmp_path / "models")
+def seeded_server(start_server: Callable[..., Server], tiny_model: Path, models_dir: Path) -> Seeded:
+    server = fuzzable_server(start_server, tiny_model, models_dir)
     result = Seeded(server, load_schema(server))
     seed(result)
     return result
+
+
+@pytest.fixture
+def seeded(start_server: Callable[..., Server], tiny_model: Path, tmp_path: Path) -> Seeded:
+    return seeded_server(start_server, tiny_model, tmp_path / "models")
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +74,7 @@ def seeded_once(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
     """One seeded server for the regression cases below: each sends one request, none needs a fresh database."""
     root = tmp_path_factory.mktemp("contract-regressions")
     processes: list[subprocess.Popen[str]] = []
-    server = fuzzable_server(lambda **settings: launch(root, processes, **settings), tiny_model, root / "models")
-    result = Seeded(server, load_schema(server))
-    seed(result)
-    yield result
+    yield seeded_server(lambda **settings: launch(root, processes, **settings), tiny_model, root / "models")
     stop(processes)
 
 

@@ -61,7 +61,7 @@ def test_a_scale_given_replaces_the_adapters_own_and_keys_the_stack_apart() -> N
     assert stacks.get([("a", 0.5)], load, [None]) is own  # None keeps the adapter's own (1.0 here)
     scaled = stacks.get([("a", 0.5)], load, [3.0])
     assert scaled is not own and scaled.key != own.key  # backends cache converted weights by the key
-    assert [part.gain for part in own.parts] == [0.5] and [part.gain for part in scaled.parts] == [1.5]
+    assert [part.gain for part in own.parts] == pytest.approx([0.5]) and [part.gain for part in scaled.parts] == pytest.approx([1.5])
     _, b = own.modules["layers.0.q_proj"]
     np.testing.assert_allclose(scaled.modules["layers.0.q_proj"][1], 3.0 * b, rtol=1e-6)
     assert stacks.get([("a", 0.5)], load, [3.0]) is scaled and load.calls == ["a"]
