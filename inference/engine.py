@@ -274,8 +274,11 @@ class Engine:
         first = True
         try:
             while True:
+                # Not `asyncio.wait_for`: on Python 3.11 a cancel landing after the queue handed
+                # it a token returned the token and lost the cancel (the answer ran to its end).
                 try:
-                    event = await asyncio.wait_for(request.events.get(), deadline - request.loop.time())
+                    async with asyncio.timeout_at(deadline):
+                        event = await request.events.get()
                 except TimeoutError:
                     request.timed_out = True
                     request.cancel.set()

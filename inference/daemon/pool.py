@@ -213,7 +213,8 @@ class ModelPool:
         worker.figures[asking] = reply
         worker.outbox.put(encode(Figures(asking)))
         try:
-            return await asyncio.wait_for(reply, FIGURES_TIMEOUT_S)
+            async with asyncio.timeout(FIGURES_TIMEOUT_S):  # not wait_for: on 3.11 it can lose a cancel
+                return await reply
         except TimeoutError:
             return None
         finally:
@@ -255,7 +256,8 @@ class ModelPool:
             ready = worker.ready
         assert ready is not None
         try:
-            await asyncio.wait_for(asyncio.shield(ready), self.settings.start_timeout_s)
+            async with asyncio.timeout(self.settings.start_timeout_s):
+                await asyncio.shield(ready)
         except TimeoutError:
             raise ModelRefused(503, "model_unavailable", f"model {model!r} did not start within "
                                                          f"{self.settings.start_timeout_s:g} s") from None

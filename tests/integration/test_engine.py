@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,44 @@ def test_a_dropped_client_cancels_its_generation(backend: TorchBackend) -> None:
 
     # Left alone, this answer would end by stop, length or repetition, never "cancelled".
     assert asyncio.run(run()) == (1.0, 2)
+
+
+def test_a_cancel_that_lands_as_a_token_arrives_still_cancels_the_generation(backend: TorchBackend) -> None:
+    """asyncio's one-shot `task.cancel()`, as the inference daemon's worker cancels a request whose
+    caller went away, reaches the generation whichever step of taking the next token it lands in.
+    Python 3.11's `asyncio.wait_for` returned a token already taken from the queue instead: the
+    cancel was lost and the answer ran to its end (a stopped chat went on generating in the daemon)."""
+
+    def after(loop: asyncio.AbstractEventLoop, turns: int, callback: Callable[[], object]) -> None:
+        if turns == 0:
+            callback()
+        else:
+            loop.call_soon(after, loop, turns - 1, callback)
+
+    async def consume(engine: Engine, turns: int) -> None:
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        assert task is not None
+        async with aclosing(engine.stream(QUESTION, None, Sampling(max_tokens=500, ignore_eos=True))) as events:
+            first = True
+            async for _ in events:
+                if first:
+                    await asyncio.sleep(0.05)  # tokens queue up meanwhile: the next one is there at once
+                    after(loop, turns, task.cancel)  # lands 1..6 turns of the loop into taking it
+                    first = False
+
+    async def run() -> tuple[list[str], float]:
+        async with Engine(backend) as engine:
+            ends = []
+            for turns in range(1, 7):
+                try:
+                    await asyncio.create_task(consume(engine, turns))
+                    ends.append("answered")
+                except asyncio.CancelledError:
+                    ends.append("cancelled")
+            await drain(engine.stream(QUESTION, None, SHORT))  # after the cancelled ones have left the batch
+            return ends, sample(engine, "genome_inference_requests_total", {"reason": "cancelled"})
+
+    assert asyncio.run(run()) == (["cancelled"] * 6, 6.0)
 
 
 def test_metrics_count_tokens_ttft_and_stack_cache_hits(backend: TorchBackend) -> None:
