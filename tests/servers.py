@@ -55,8 +55,8 @@ def launch(tmp_path: Path, processes: list[subprocess.Popen[str]], database_url:
     """`genome-service serve` on a free loopback port with GENOME_* settings, once it accepts connections."""
     # No academy worker unless a test asks (None: the service's default): a fuzzed or stray
     # session must not start a long training. Inference in the API process unless a test asks
-    # for the daemon (inference_daemon="embedded", the service's default): a model worker is a
-    # fresh interpreter importing torch, ~7 s more for every server that chats on 2 cores. Tests
+    # for the daemon (inference_daemon="embedded", the service's default): its first model worker
+    # waits for a forkserver importing torch, ~7 s more for every server that chats on 2 cores. Tests
     # about the daemon, the streaming chat, the console and the academy API's defaults ask.
     settings = {"academy_worker": "off", "inference_daemon": "off", **settings}
     port = int(settings.pop("port", None) or free_port())  # a test may need the URL before the server

@@ -13,6 +13,10 @@ the loop.
   requests end at once with `model_crashed`; it restarts after a backoff that doubles with
   each crash in a row, and after `max_crashes` in a row it is `unhealthy` (requests are
   refused until `unhealthy_retry_s` has passed, then it gets one more start).
+- **Starts**: a torch worker is forked from a forkserver that imported torch and transformers
+  once (~5 s of the ~6 s a fresh interpreter took here), so a restart costs the model's load;
+  the forkserver holds libtorch's code, never weights. Other backends (mlx: Metal is not
+  fork-safe) start from a fresh interpreter.
 - **Stuck work**: a request still running `stuck_grace_s` after its own timeout (the engine
   inside ends a late request by itself; one that does not is a stuck process) gets its
   worker killed, which fails it with `generation_timed_out` and its neighbours with
@@ -54,6 +58,13 @@ from inference.daemon.protocol import (
 )
 from inference.daemon.worker import WorkerConfig
 
+# What every torch worker imports before it loads a model; the architecture's own module
+# (e.g. modeling_llama) is small and loads with the model.
+TORCH_PRELOAD = [
+    "inference.daemon.worker", "inference.backends.torch", "inference.backends.torch_batch",
+    "transformers.modeling_utils", "transformers.generation", "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+]
 State = Literal["stopped", "starting", "ready", "backoff", "unhealthy"]
 FIGURES_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 10.0
@@ -152,7 +163,6 @@ class ModelPool:
         self._admission = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._on_exit = on_exit or (lambda model, crashed: None)
-        self._context = multiprocessing.get_context("spawn")
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -285,8 +295,9 @@ class ModelPool:
 
     def _spawn(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=worker_module.main, args=(theirs, worker.source.config),
+        context = _start_method(worker.source.config.backend)
+        ours, theirs = context.Pipe()
+        process = context.Process(target=worker_module.main, args=(theirs, worker.source.config),
                                         name=f"genome-model-{worker.model}", daemon=True)
         process.start()
         theirs.close()
@@ -449,3 +460,17 @@ def _write(connection: Connection, outbox: queue.SimpleQueue[bytes | None]) -> N
             connection.send_bytes(data)
         except (BrokenPipeError, OSError):
             return
+
+
+def _start_method(backend: str) -> multiprocessing.context.BaseContext:
+    """How a worker process starts: forked from a torch-preloaded forkserver, or spawned afresh.
+
+    Forking after these imports is safe: their only threads are OpenBLAS's idle pools, which
+    it re-creates in a child (pthread_atfork), and torch starts its own pool and touches a
+    device only when first used, as DataLoader workers rely on. The forkserver runs no model.
+    """
+    if backend != "torch" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(TORCH_PRELOAD)  # read when the forkserver starts: the first torch worker
+    return context

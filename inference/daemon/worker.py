@@ -1,9 +1,10 @@
 """A model worker: one base model, one batching engine, in a process of its own.
 
-The daemon starts it (spawned, so it shares no state with its parent), sends requests over
-a pipe and reads Tokens back. Everything that can crash, hang or take gigabytes (libtorch,
-mlx, the weights, the KV cache) lives here, so a crash takes this process only: the daemon
-notices the pipe closing and fails what was in flight.
+The daemon starts it (forked from a forkserver that holds only imported modules, or spawned:
+either way it shares no state with the daemon), sends requests over a pipe and reads Tokens
+back. Everything that can crash, hang or take gigabytes (libtorch, mlx, the weights, the KV
+cache) lives here, so a crash takes this process only: the daemon notices the pipe closing and
+fails what was in flight.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from test_chat_api import refused, sse
 
 from fixtures.make_adapter import make_adapter_files
 from fixtures.make_model import make_tiny_llama, tiny_spec
-from fixtures.processes import maps_libtorch, pss_bytes, tree
+from fixtures.processes import children, command_line, maps_libtorch, pss_bytes, tree
 from inference.models import DEFAULT_MODEL, ModelCatalog, declared_weight_bytes
 
 QUESTION = [{"role": "user", "content": "Tell me a long story about the sea."}]
@@ -176,12 +176,17 @@ def test_serve_with_three_workers_shares_one_copy_of_the_model(tmp_path: Path, d
         assert len(set(answered.values())) == 1  # all through the one model worker
         assert server.process is not None
         processes_now = tree(server.process.pid)
-        with_weights = [pid for pid in processes_now if maps_libtorch(pid)]
-        assert with_weights == [int(next(iter(answered.values())))]
+        # libtorch is in the model worker and in the daemon's forkserver it was forked from.
+        worker = int(next(iter(answered.values())))
+        [forkserver] = [pid for pid in processes_now if worker in children(pid)]
+        assert "multiprocessing.forkserver" in command_line(forkserver)
+        assert {pid for pid in processes_now if maps_libtorch(pid)} == {worker, forkserver}
         api = [int(pid) for pid in answered]
         weights = declared_weight_bytes(default_model, 4)
-        # Each API process holds its code and caches, far less than a copy of the weights.
+        # Each API process holds its code and caches, far less than a copy of the weights; the
+        # forkserver holds torch's and transformers' modules (~270 MiB here), no model.
         assert all(pss_bytes(pid) < weights // 2 for pid in api), {pid: pss_bytes(pid) for pid in api}
+        assert pss_bytes(forkserver) < weights
     finally:
         stop(processes)
 
