@@ -298,7 +298,7 @@ class ModelPool:
         context = _start_method(worker.source.config.backend)
         ours, theirs = context.Pipe()
         process = context.Process(target=worker_module.main, args=(theirs, worker.source.config),
-                                        name=f"genome-model-{worker.model}", daemon=True)
+                                  name=f"genome-model-{worker.model}", daemon=True)
         process.start()
         theirs.close()
         worker.process, worker.pid = process, process.pid
