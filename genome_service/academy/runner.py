@@ -490,7 +490,7 @@ class Runner:
             on_evaluation=evaluated,
         )
         digest = data_sha256(examples)
-        metrics = TrainingMetrics(loss=round(result.losses[-1], 6), epochs=None, steps=result.steps)
+        metrics = TrainingMetrics(loss=round(result.losses[-1], 6), epochs=None, steps=result.steps, tokens=result.tokens)
         details = LayerDetails(
             name=f"academy: {(task.need or state.goal)[:180]}",
             base_model=self.model_name,

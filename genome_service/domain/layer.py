@@ -38,6 +38,7 @@ class TrainingMetrics(msgspec.Struct, frozen=True, gc=False, omit_defaults=True)
     epochs: int | None = None
     steps: int | None = None
     performance: float | None = None
+    tokens: int | None = None  # answer (target) tokens trained on, summed over every step
 
 
 # Events

@@ -90,13 +90,20 @@ def test_the_openai_client_runs_a_job_reads_its_events_and_checkpoints_and_chats
 
     job = ai.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id, suffix="words", seed=3,
                                      hyperparameters={"n_epochs": 5, "batch_size": 4})
-    assert job.status == "queued" and job.fine_tuned_model is None
+    assert job.status == "queued" and job.fine_tuned_model is None and job.trained_tokens is None
     # The job is an academy session: its live event stream ends when the job does.
     sse_events(server.client(key), f"/academy/sessions/{job.id}/events")
     done = ai.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{MODEL}:words:{done.layer_id}"  # type: ignore[attr-defined]
     assert done.hyperparameters.n_epochs == 5 and done.seed == 3 and done.finished_at is not None
+    # The answer tokens trained on, as the layer's metrics record them: 9 steps of 4 rows (see
+    # below), each answer ("WordN." and the end of its turn) 7 tokens on SmolLM2's tokenizer;
+    # prompts (~30 tokens a row) do not count.
+    with server.client(key) as client:
+        layer = client.get(f"/layers/{done.layer_id}").json()  # type: ignore[attr-defined]
+    assert done.trained_tokens == layer["training_metrics"]["tokens"]
+    assert 9 * 4 * 3 <= done.trained_tokens <= 9 * 4 * 10
     assert [j.id for j in ai.fine_tuning.jobs.list().data] == [job.id]
 
     events = ai.fine_tuning.jobs.list_events(job.id, limit=100).data
