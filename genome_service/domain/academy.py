@@ -280,7 +280,9 @@ class AcademySession(msgspec.Struct, frozen=True, gc=False):
     trained_steps: tuple[tuple[str, int], ...] = ()  # (task id, last checkpointed step)
     loss: float | None = None  # the latest training loss
     training_seconds: float = 0.0  # spent on training, as of the latest checkpoint
-    trained_tokens: int = 0  # answer tokens the produced layers were trained on
+    # Answer tokens the produced layers were trained on; None once a layer's metrics did not
+    # say (recorded before layers counted them): an unknown sum is not a small one.
+    trained_tokens: int | None = 0
     finished_tasks: tuple[tuple[str, str], ...] = ()  # (task id, layer id) produced or reused
     data: TrainingData = TrainingData()
     prepared: tuple[str, ...] = ()  # tasks whose data is recorded
@@ -671,8 +673,9 @@ def evolve(state: AcademySession | None, event: AcademyEvent) -> AcademySession:
             return msgspec.structs.replace(state, trained_steps=tuple(steps.items()), loss=loss,
                                            training_seconds=max(seconds, state.training_seconds))
         case LayerProduced(task_id=task_id, layer_id=layer_id, metrics=metrics):
+            tokens = None if state.trained_tokens is None or metrics.tokens is None else state.trained_tokens + metrics.tokens
             return msgspec.structs.replace(state, finished_tasks=(*state.finished_tasks, (task_id, layer_id)),
-                                           trained_tokens=state.trained_tokens + (metrics.tokens or 0))
+                                           trained_tokens=tokens)
         case LayerReused(task_id=task_id, layer_id=layer_id):
             return msgspec.structs.replace(state, finished_tasks=(*state.finished_tasks, (task_id, layer_id)))
         case DataPrepared(task_id=task_id):

@@ -258,6 +258,16 @@ def test_a_goal_splits_into_a_few_distinct_needs_and_loses_no_part(goal, limit, 
     assert goal_needs(goal, limit) == needs
 
 
+def test_trained_tokens_add_up_over_the_layers_produced_and_are_unknown_once_a_layer_did_not_say():
+    two = MakePlan((TRAIN, PlanTask("t3", TraitType.DOMAIN_EXPERTISE, TaskAction.TRAIN)))
+    counted = run(at(RUNNING), two, RecordLayerProduced("t1", "l10", 1.0, "a" * 64, TrainingMetrics(loss=0.5, steps=10, tokens=120)))
+    assert counted.trained_tokens == 120
+    later = RecordLayerProduced("t3", "l11", 1.0, "b" * 64, TrainingMetrics(loss=0.4, steps=5, tokens=30))
+    assert run(counted, later).trained_tokens == 150
+    # A layer produced before layers counted their tokens: the sum is unknown, not 120.
+    assert run(counted, RecordLayerProduced("t3", "l11", 1.0, "b" * 64, METRICS)).trained_tokens is None
+
+
 def test_a_task_gets_one_layer_at_most():
     state = run(planned(), RecordLayerProduced("t1", "l10", 1.0, "a" * 64, METRICS))
     assert refused(RecordLayerProduced("t1", "l11", 1.0, "a" * 64, METRICS), state) == "task_finished"
