@@ -277,7 +277,8 @@ class FineTuning:
             hyperparameters=JobHyperparameters(wanted.n_epochs or DEFAULT_EPOCHS, wanted.batch_size,
                                                wanted.learning_rate_multiplier or 1.0),
             training_file=data.training_file_id or "", validation_file=data.validation_file_id, result_files=[],
-            trained_tokens=state.trained_tokens if status == "succeeded" else None, error=JobError(status, state.reason) if status == "failed" else None,
+            trained_tokens=state.trained_tokens if status == "succeeded" else None,
+            error=JobError(status, state.reason) if status == "failed" else None,
             seed=data.seed or 0, suffix=data.suffix or None, persona_id=state.persona_id or None, layer_id=layer_id,
             attached=decision.attached if decision else None, attach_reason=decision.reason if decision else None,
         )
